@@ -1,0 +1,36 @@
+"""Batching and admission limits."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SchedulerSettings(BaseSettings):
+    """Continuous batching limits. Env: ``SGLANG_MAX_RUNNING_REQUESTS`` etc."""
+
+    model_config = SettingsConfigDict(env_prefix="SGLANG_", extra="ignore", validate_assignment=True)
+
+    max_running_requests: int = Field(default=256, ge=1, le=65536)
+    """Most requests in the running batch at once."""
+
+    chunked_prefill_size: int = Field(default=2048, ge=1, le=1_048_576)
+    """Most prompt tokens computed in one step; longer prompts are prefilled in chunks."""
+
+    max_prefill_tokens: int = Field(default=16384, ge=1, le=1_048_576)
+    """Most new tokens in one prefill batch (across requests)."""
+
+    schedule_policy: Literal["fcfs"] = "fcfs"
+    """Order in which waiting requests are admitted."""
+
+    new_token_ratio: float = Field(default=0.7, ge=0.0, le=1.0)
+    """Fraction of each running request's remaining max_new_tokens reserved at admission, so that
+    admission does not immediately force retraction."""
+
+    attention_backend: str = Field(default="torch_native", min_length=1)
+    """Attention backend name from the registry."""
+
+    check_integrity_when_idle: bool = True
+    """Run the allocator's ``check_integrity()`` each time the engine goes idle."""
