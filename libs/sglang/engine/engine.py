@@ -1,0 +1,276 @@
+"""``sglang.Engine``: the in-process inference engine (SGLang's offline engine interface).
+
+    engine = Engine(model_path=None, **settings)      # None: the default model (SmolLM2-135M)
+    engine.generate(prompt="Hello", sampling_params={"max_new_tokens": 8})
+    await engine.async_generate(prompt=[...], stream=True)
+    engine.shutdown()
+
+Settings are the fields of ModelSettings, CacheSettings and SchedulerSettings, passed as
+keywords. A scheduler thread runs the steps; ``generate`` is safe to call from many threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import torch
+
+from sglang.engine.io import build_output, normalize_inputs, validate_ids
+from sglang.engine.loop import EngineLoop
+from sglang.engine.models.default_model import default_model_path
+from sglang.engine.runner.model_runner import ModelRunner
+from sglang.engine.sampling.params import SamplingParams
+from sglang.engine.scheduler.request import Request
+from sglang.engine.scheduler.scheduler import Scheduler
+from sglang.engine.tokenizer.detokenizer import IncrementalDetokenizer
+from sglang.engine.tokenizer.stop import StopChecker
+from sglang.engine.tokenizer.tokenizer import Tokenizer
+from sglang.settings import CacheSettings, ModelSettings, SchedulerSettings
+
+logger = logging.getLogger(__name__)
+
+_SETTINGS = (ModelSettings, CacheSettings, SchedulerSettings)
+
+
+def _split_settings(kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = [{} for _ in _SETTINGS]
+    for key, value in kwargs.items():
+        for i, cls in enumerate(_SETTINGS):
+            if key in cls.model_fields:
+                parts[i][key] = value
+                break
+        else:
+            known = sorted(f for cls in _SETTINGS for f in cls.model_fields)
+            raise TypeError(f"Engine got an unknown setting {key!r}; known settings: {', '.join(known)}")
+    return parts
+
+
+class Engine:
+    def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
+        model_kw, cache_kw, sched_kw = _split_settings(kwargs)
+        self.model_settings = ModelSettings(model_path=model_path, **model_kw)
+        self.cache_settings = CacheSettings(**cache_kw)
+        self.scheduler_settings = SchedulerSettings(**sched_kw)
+        self.model_path = self.model_settings.model_path or default_model_path()
+        self.tokenizer = self._load_tokenizer()
+        self.runner = ModelRunner(self.model_settings, self.cache_settings, self.scheduler_settings, self.model_path)
+        info = self.runner.info
+        eos = list(self.tokenizer.eos_token_ids) if self.tokenizer else []
+        eos += [e for e in info.eos_token_ids if e not in eos]
+        self.eos_token_ids = eos
+        torch.manual_seed(self.model_settings.seed)
+        self.scheduler = Scheduler(self.runner, self.scheduler_settings, eos)
+        self._loop = EngineLoop(self.scheduler, self.scheduler_settings.check_integrity_when_idle)
+        self._counter = itertools.count()
+        logger.info("engine ready: %s (%s, %s)", self.model_path, info.architecture, self.runner.dtype)
+
+    def _load_tokenizer(self) -> Tokenizer | None:
+        path = self.model_settings.tokenizer_path or self.model_path
+        try:
+            return Tokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            if self.model_settings.load_format == "dummy":
+                logger.warning("no tokenizer at %s (%s); pass input_ids", path, e)
+                return None
+            raise
+
+    # ---- building requests ---------------------------------------------------------------
+    def _make_requests(
+        self,
+        prompt: str | list[str] | None,
+        input_ids: list[int] | list[list[int]] | None,
+        sampling_params: dict[str, Any] | list[dict[str, Any]] | None,
+        return_logprob: bool,
+        logprob_start_len: int | None,
+        top_logprobs_num: int,
+        stream: bool,
+    ) -> tuple[list[Request], bool]:
+        """Validate everything first (nothing is submitted if any prompt is bad)."""
+        texts, ids_list, params_list, is_batch = normalize_inputs(prompt, input_ids, sampling_params)
+        if top_logprobs_num < 0:
+            raise ValueError(f"top_logprobs_num must be >= 0, got {top_logprobs_num}")
+        vocab = self.runner.info.vocab_size
+        ctx = self.runner.context_length
+        reqs: list[Request] = []
+        for text, ids, pdict in zip(texts, ids_list, params_list, strict=True):
+            if ids is None:
+                if self.tokenizer is None:
+                    raise ValueError("this engine has no tokenizer; pass input_ids instead of prompt")
+                ids = self.tokenizer.encode(text or "")
+            validate_ids(ids, vocab, ctx, self.runner.max_total_tokens)
+            params = SamplingParams.from_dict(pdict)
+            params.verify(vocab)
+            params.max_new_tokens = min(params.max_new_tokens, ctx - len(ids))
+            for i in range(params.n):
+                reqs.append(self._request(ids, params, i, return_logprob, logprob_start_len, top_logprobs_num, stream))
+        return reqs, is_batch or len(reqs) > 1
+
+    def _request(
+        self, ids: list[int], params: SamplingParams, i: int, return_logprob: bool,
+        logprob_start_len: int | None, top_logprobs_num: int, stream: bool,
+    ) -> Request:
+        req = Request(
+            rid=uuid.uuid4().hex,
+            prompt_ids=list(ids),
+            params=params,
+            return_logprob=return_logprob,
+            logprob_start_len=(-1 if logprob_start_len is None else logprob_start_len) if return_logprob else -1,
+            top_logprobs_num=top_logprobs_num if return_logprob else 0,
+            stream=stream,
+        )
+        if params.seed is not None:
+            req.generator = torch.Generator(self.runner.device).manual_seed(params.seed + i)
+        if self.tokenizer is not None:
+            req.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, prompt_ids=req.prompt_ids, skip_special_tokens=params.skip_special_tokens,
+                spaces_between_special_tokens=params.spaces_between_special_tokens,
+            )
+            stops = params.stop if isinstance(params.stop, list) else ([params.stop] if params.stop else [])
+            if stops:
+                req.stop_checker = StopChecker(stops, no_stop_trim=params.no_stop_trim)
+        req.init_logprobs()
+        return req
+
+    # ---- public API ----------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        image_data: Any = None,
+        return_logprob: bool = False,
+        logprob_start_len: int | None = None,
+        top_logprobs_num: int = 0,
+        stream: bool = False,
+    ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
+        """Generate for one prompt (a dict) or a batch / ``n > 1`` (a list of dicts, in order).
+        With ``stream=True``, an iterator of cumulative snapshots (batch items carry ``index``).
+        Raises ValueError on bad input before anything is queued."""
+        self._reject_images(image_data)
+        reqs, is_batch = self._make_requests(
+            prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, stream
+        )
+        if stream:
+            return self._stream(reqs, is_batch)
+        outs: list[queue.Queue[dict[str, Any]]] = []
+        for req in reqs:
+            q: queue.Queue[dict[str, Any]] = queue.Queue()
+            outs.append(q)
+            self._loop.submit(req, lambda r, q=q: q.put(build_output(r)) if r.finished else None)
+        results = [q.get() for q in outs]
+        return results if is_batch else results[0]
+
+    def _stream(self, reqs: list[Request], is_batch: bool) -> Iterator[dict[str, Any]]:
+        q: queue.Queue[dict[str, Any]] = queue.Queue()
+        for i, req in enumerate(reqs):
+            idx = i if is_batch else None
+            self._loop.submit(req, lambda r, idx=idx: q.put(build_output(r, idx)))
+        left = len(reqs)
+        try:
+            while left:
+                out = q.get()
+                if out["meta_info"]["finish_reason"] is not None:
+                    left -= 1
+                yield out
+        finally:
+            if left:
+                for req in reqs:
+                    self._loop.abort(req.rid)
+
+    async def async_generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        image_data: Any = None,
+        return_logprob: bool = False,
+        logprob_start_len: int | None = None,
+        top_logprobs_num: int = 0,
+        stream: bool = False,
+    ) -> dict[str, Any] | list[dict[str, Any]] | AsyncIterator[dict[str, Any]]:
+        """asyncio twin of :meth:`generate`; with ``stream=True`` it returns an async iterator."""
+        self._reject_images(image_data)
+        reqs, is_batch = self._make_requests(
+            prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, stream
+        )
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        for i, req in enumerate(reqs):
+            def sink(r: Request, i: int = i) -> None:
+                if stream or r.finished:
+                    loop.call_soon_threadsafe(q.put_nowait, build_output(r, i))
+            self._loop.submit(req, sink)
+        if stream:
+            return self._astream(q, reqs, is_batch)
+        results: list[dict[str, Any] | None] = [None] * len(reqs)
+        for _ in reqs:
+            out = await q.get()
+            results[out.pop("index")] = out
+        final = [r for r in results if r is not None]
+        return final if is_batch else final[0]
+
+    async def _astream(
+        self, q: asyncio.Queue[dict[str, Any]], reqs: list[Request], is_batch: bool
+    ) -> AsyncIterator[dict[str, Any]]:
+        left = len(reqs)
+        try:
+            while left:
+                out = await q.get()
+                if out["meta_info"]["finish_reason"] is not None:
+                    left -= 1
+                if not is_batch:
+                    out.pop("index", None)
+                yield out
+        finally:
+            if left:
+                for req in reqs:
+                    self._loop.abort(req.rid)
+
+    @staticmethod
+    def _reject_images(image_data: Any) -> None:
+        if image_data is not None:
+            raise ValueError("image_data needs a vision model and the encoder service; this model is text-only")
+
+    def abort(self, rid: str) -> None:
+        self._loop.abort(rid)
+
+    def check_integrity(self) -> None:
+        """Assert free + in use = total pages and that no waiting request holds pages."""
+        self._loop.call(lambda s: s.check_integrity())
+
+    def get_stats(self) -> dict[str, Any]:
+        def read(s: Scheduler) -> dict[str, Any]:
+            alloc = s.runner.allocator
+            return {
+                "num_running_reqs": len(s.running),
+                "num_waiting_reqs": len(s.waiting),
+                "num_used_pages": alloc.num_used,
+                "num_total_pages": alloc.num_pages,
+                "token_usage": alloc.num_used / alloc.num_pages,
+                "num_retractions": s.num_retractions,
+                "num_steps": s.num_steps,
+                "max_total_tokens": s.runner.max_total_tokens,
+            }
+
+        stats: dict[str, Any] = self._loop.call(read)
+        return stats
+
+    def shutdown(self) -> None:
+        """Abort what is in flight, stop the scheduler thread and free the model and KV pool."""
+        self._loop.stop()
+        del self.runner.kv_pool
+        del self.runner.model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

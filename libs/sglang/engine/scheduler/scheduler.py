@@ -1,0 +1,251 @@
+"""Scheduler: continuous batching with chunked prefill and retraction.
+
+One step is schedule → run → sample → update, each with its own output type
+(:class:`ScheduledBatch` → ``ModelOutput`` → ``SampleOutput`` → the list of updated requests).
+Requests join between steps. A step is either an EXTEND batch (prompt chunks of newly admitted or
+partly prefilled requests, bounded by ``chunked_prefill_size``) or a DECODE batch (one token for
+every running request). When a decode step cannot get pages, the newest running requests are
+retracted to the front of the waiting queue and recomputed later.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable
+
+import torch
+
+from sglang.engine.memory import OutOfPagesError
+from sglang.engine.runner.forward_batch import ForwardMode
+from sglang.engine.runner.model_runner import ModelInput, ModelRunner
+from sglang.engine.sampling.sampler import Sampler, SamplingBatch
+from sglang.engine.scheduler.batch import Entry, ScheduledBatch
+from sglang.engine.scheduler.kv_slots import KVSlots
+from sglang.engine.scheduler.output_processor import OutputProcessor
+from sglang.engine.scheduler.request import FinishReason, Request, Status
+from sglang.settings import SchedulerSettings
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """Single-threaded: all methods run on the engine's scheduler thread."""
+
+    def __init__(self, runner: ModelRunner, settings: SchedulerSettings, eos_token_ids: list[int]) -> None:
+        self.runner = runner
+        self.settings = settings
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.kv = KVSlots(runner.allocator, runner.req_to_token)
+        self.sampler = Sampler()
+        self.outputs = OutputProcessor(eos_token_ids, runner.context_length)
+        self.eos_token_ids = eos_token_ids
+        self.vocab_size = runner.info.vocab_size
+        self._arrivals = 0
+        self.num_retractions = 0
+        self.num_steps = 0
+
+    # ---- requests in and out -------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        self._arrivals += 1
+        req.arrival = self._arrivals
+        req.status = Status.WAITING
+        self.waiting.append(req)
+
+    def abort(self, rid: str) -> Request | None:
+        """Finish ``rid`` with reason ``abort`` and free its pages. Returns it, or None if unknown."""
+        for req in list(self.waiting) + self.running:
+            if req.rid == rid:
+                self._finish(req, FinishReason("abort", message="aborted by the client"))
+                return req
+        return None
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity(self.running + list(self.waiting))
+        for r in self.waiting:
+            if r.pages:
+                raise AssertionError(f"waiting request {r.rid} holds pages")
+
+    # ---- one step --------------------------------------------------------------------------
+    def step(self) -> list[Request]:
+        """Run one step; return requests with new output (finished ones included)."""
+        batch = self.schedule()
+        if batch is None:
+            return []
+        out = self.runner.forward(self._model_input(batch))
+        self.num_steps += 1
+        return self._update(batch, out.logits)
+
+    def schedule(self) -> ScheduledBatch | None:
+        entries = self._schedule_extend()
+        if entries:
+            return ScheduledBatch(ForwardMode.EXTEND, entries)
+        entries = self._schedule_decode()
+        return ScheduledBatch(ForwardMode.DECODE, entries) if entries else None
+
+    # ---- schedule phase --------------------------------------------------------------------
+    def _in_prefill(self, req: Request) -> bool:
+        return req.num_computed == 0 or req.num_pending > 1
+
+    def _schedule_extend(self) -> list[Entry]:
+        budget = min(self.settings.chunked_prefill_size, self.settings.max_prefill_tokens)
+        entries: list[Entry] = []
+        for req in list(self.running):
+            if budget <= 0 or req.status is not Status.RUNNING or not self._in_prefill(req):
+                continue
+            n = min(req.num_pending, budget)
+            if not self._grow_or_retract(req, req.num_computed + n, protect=[e.req for e in entries]):
+                continue
+            entries.append(self._entry(req, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.settings.max_running_requests:
+            req = self.waiting[0]
+            n = min(req.num_pending, budget)
+            if self.kv.pages_needed(req, n) > self.runner.allocator.num_free - self._reserved_pages():
+                break
+            if self.runner.req_to_token.num_free == 0:
+                break
+            self.waiting.popleft()
+            self.kv.grow(req, n)
+            req.status = Status.RUNNING
+            self.running.append(req)
+            entries.append(self._entry(req, n))
+            budget -= n
+        return entries
+
+    def _reserved_pages(self) -> int:
+        """Pages kept back for running requests' future decode tokens (``new_token_ratio``)."""
+        ratio = self.settings.new_token_ratio
+        if ratio == 0:
+            return 0
+        tokens = 0
+        for r in self.running:
+            left = max(r.params.max_new_tokens - len(r.output_ids), 0)
+            tokens += int(left * ratio)
+        return -(-tokens // self.kv.page_size)
+
+    def _schedule_decode(self) -> list[Entry]:
+        for req in sorted(self.running, key=lambda r: r.arrival):
+            if req.status is Status.RUNNING:
+                self._grow_or_retract(req, req.num_known, protect=[])
+        return [self._entry(r, 1) for r in self.running if r.status is Status.RUNNING]
+
+    def _grow_or_retract(self, req: Request, upto: int, protect: list[Request]) -> bool:
+        """Make room for ``req`` up to ``upto`` tokens, retracting newer requests if needed."""
+        while True:
+            try:
+                self.kv.grow(req, upto)
+                return True
+            except OutOfPagesError:
+                victims = [r for r in self.running if r is not req and r not in protect and r.arrival > req.arrival]
+                if not victims:
+                    victims = [r for r in self.running if r is not req and r not in protect]
+                if not victims:
+                    if self._in_prefill(req) and req.num_computed > 0:
+                        return False  # wait for others to finish
+                    self._finish(req, FinishReason("length", message="KV cache is full"))
+                    return False
+                self._retract(max(victims, key=lambda r: r.arrival))
+
+    def _retract(self, req: Request) -> None:
+        logger.debug("retracting %s (%d tokens known)", req.rid, req.num_known)
+        self.running.remove(req)
+        self.kv.release(req)
+        req.status = Status.WAITING
+        req.num_retractions += 1
+        self.num_retractions += 1
+        # Keep waiting in arrival order so the oldest retracted request goes first.
+        items = sorted([*self.waiting, req], key=lambda r: r.arrival)
+        self.waiting = deque(items)
+
+    def _entry(self, req: Request, n: int) -> Entry:
+        e = Entry(req, req.num_computed, n)
+        if req.wants_prompt_logprobs:
+            # Logits at position p give the logprob of prompt token p + 1.
+            first = req.prompt_logprobs_done - 1
+            last = len(req.prompt_ids) - 2
+            lo, hi = max(first, e.start), min(last, e.end - 1)
+            e.logprob_positions = list(range(lo, hi + 1))
+        return e
+
+    # ---- run phase input -------------------------------------------------------------------
+    def _model_input(self, batch: ScheduledBatch) -> ModelInput:
+        ids: list[int] = []
+        pos: list[int] = []
+        locs: list[torch.Tensor] = []
+        logit_idx: list[int] = []
+        off = 0
+        for e in batch.entries:
+            ids.extend(e.req.tokens(e.start, e.end))
+            pos.extend(range(e.start, e.end))
+            locs.append(self.kv.slots(e.req, e.start, e.end))
+            logit_idx.extend(off + p - e.start for p in e.logprob_positions)
+            if e.samples:
+                logit_idx.append(off + e.num_tokens - 1)
+            off += e.num_tokens
+        return ModelInput(
+            mode=batch.mode,
+            input_ids=ids,
+            positions=pos,
+            out_cache_loc=torch.cat(locs),
+            req_rows=[e.req.row for e in batch.entries],  # type: ignore[misc]
+            prefix_lens=[e.start for e in batch.entries],
+            extend_lens=[e.num_tokens for e in batch.entries],
+            logit_indices=logit_idx,
+        )
+
+    # ---- sample + update phases ------------------------------------------------------------
+    def _update(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[Request]:
+        row = 0
+        sample_rows: list[int] = []
+        sample_entries: list[Entry] = []
+        for e in batch.entries:
+            if e.logprob_positions:
+                n = len(e.logprob_positions)
+                self.outputs.record_prompt_logprobs(e, logits[row : row + n])
+                row += n
+            e.req.num_computed = e.end
+            if e.samples:
+                sample_rows.append(row)
+                sample_entries.append(e)
+                row += 1
+        updated = [e.req for e in batch.entries if e.logprob_positions and not e.samples]
+        if sample_entries:
+            reqs = [e.req for e in sample_entries]
+            sb = SamplingBatch.build(
+                [r.params for r in reqs], [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],
+                self.eos_token_ids, self.vocab_size, logits.device, [r.generator for r in reqs],
+            )
+            tops = [r.top_logprobs_num if r.return_logprob else 0 for r in reqs]
+            res = self.sampler(logits[sample_rows], sb, tops if any(tops) else None)
+            next_ids = res.next_token_ids.tolist()
+            lps = res.logprobs.tolist()
+            for i, req in enumerate(reqs):
+                top = res.top_logprobs[i] if res.top_logprobs is not None else None
+                reason = self.outputs.append_token(req, next_ids[i], lps[i], top)
+                if reason is not None:
+                    self._finish(req, reason)
+                updated.append(req)
+        return updated
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        if req.status is Status.FINISHED:
+            return
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.release(req)
+        req.finish_reason = reason
+        req.status = Status.FINISHED
+        self.outputs.finalize(req)
+
+    def abort_all(self, message: str) -> Iterable[Request]:
+        reqs = list(self.waiting) + list(self.running)
+        for r in reqs:
+            self._finish(r, FinishReason("abort", message=message))
+        return reqs
