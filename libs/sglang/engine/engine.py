@@ -71,6 +71,8 @@ class Engine:
         logger.info("engine ready: %s (%s, %s)", self.model_path, info.architecture, self.runner.dtype)
 
     def _load_tokenizer(self) -> Tokenizer | None:
+        if self.model_settings.skip_tokenizer_init:
+            return None
         path = self.model_settings.tokenizer_path or self.model_path
         try:
             return Tokenizer.from_pretrained(path)
@@ -104,7 +106,7 @@ class Engine:
                     raise ValueError("this engine has no tokenizer; pass input_ids instead of prompt")
                 ids = self.tokenizer.encode(text or "")
             validate_ids(ids, vocab, ctx, self.runner.max_total_tokens)
-            params = SamplingParams.from_dict(pdict)
+            params = SamplingParams.from_dict(pdict).normalize()
             params.verify(vocab)
             params.max_new_tokens = min(params.max_new_tokens, ctx - len(ids))
             for i in range(params.n):
@@ -131,9 +133,8 @@ class Engine:
                 self.tokenizer, prompt_ids=req.prompt_ids, skip_special_tokens=params.skip_special_tokens,
                 spaces_between_special_tokens=params.spaces_between_special_tokens,
             )
-            stops = params.stop if isinstance(params.stop, list) else ([params.stop] if params.stop else [])
-            if stops:
-                req.stop_checker = StopChecker(stops, no_stop_trim=params.no_stop_trim)
+            if params.stop:
+                req.stop_checker = StopChecker(params.stop, no_stop_trim=params.no_stop_trim)
         req.init_logprobs()
         return req
 

@@ -35,5 +35,8 @@ class ModelSettings(BaseSettings):
     context_length: int | None = Field(default=None, ge=1, le=10_000_000)
     """Override of the model's context length (max prompt + output tokens per request)."""
 
+    skip_tokenizer_init: bool = False
+    """Load no tokenizer: prompts must be ``input_ids`` and outputs carry ids only (text is empty)."""
+
     trust_remote_code: bool = False
     """Passed to HF loaders; our own model code is always used for the forward pass."""

@@ -48,10 +48,10 @@ class OutputProcessor:
                 return FinishReason("stop", matched=token)
             if req.stop_checker is not None:
                 matched, trimmed = req.stop_checker.check(req.text)
-                if matched is not None:
+                if matched:
                     req.text = trimmed
                     req.stop_matched = True
-                    return FinishReason("stop", matched=matched)
+                    return FinishReason("stop", matched=req.stop_checker.matched)
         if n_out >= p.max_new_tokens:
             return FinishReason("length", matched=None)
         if req.num_known >= self.context_length:
