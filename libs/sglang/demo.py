@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     print("streaming: ", end="", flush=True)
     last = ""
     stream = engine.generate(prompt=prompts[0], sampling_params=params, stream=True)
-    for chunk in stream:  # type: ignore[union-attr]
-        print(chunk["text"][len(last):], end="", flush=True)
+    assert not isinstance(stream, (dict, list))
+    for chunk in stream:
+        print(chunk["text"][len(last) :], end="", flush=True)
         last = chunk["text"]
     print()
     engine.shutdown()

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-
 from sglang.engine.engine import Engine
 from sglang.engine.models.default_model import default_model_path
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from sglang.engine.engine import Engine
+
 from tests.helpers.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.integration

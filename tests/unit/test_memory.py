@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from sglang.engine.memory import KVPool, OutOfPagesError, PageAllocator, ReqToTokenPool
 from sglang.engine.sampling.params import SamplingParams
 from sglang.engine.scheduler.kv_slots import KVSlots

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import torch
+from pydantic_settings import BaseSettings
 
 from sglang.engine.io import build_output, normalize_inputs, validate_ids
 from sglang.engine.loop import EngineLoop
@@ -35,7 +36,7 @@ from sglang.settings import CacheSettings, ModelSettings, SchedulerSettings
 
 logger = logging.getLogger(__name__)
 
-_SETTINGS = (ModelSettings, CacheSettings, SchedulerSettings)
+_SETTINGS: tuple[type[BaseSettings], ...] = (ModelSettings, CacheSettings, SchedulerSettings)
 
 
 def _split_settings(kwargs: dict[str, Any]) -> list[dict[str, Any]]:
@@ -163,15 +164,23 @@ class Engine:
         for req in reqs:
             q: queue.Queue[dict[str, Any]] = queue.Queue()
             outs.append(q)
-            self._loop.submit(req, lambda r, q=q: q.put(build_output(r)) if r.finished else None)
+
+            def on_final(r: Request, q: queue.Queue[dict[str, Any]] = q) -> None:
+                if r.finished:
+                    q.put(build_output(r))
+
+            self._loop.submit(req, on_final)
         results = [q.get() for q in outs]
         return results if is_batch else results[0]
 
     def _stream(self, reqs: list[Request], is_batch: bool) -> Iterator[dict[str, Any]]:
         q: queue.Queue[dict[str, Any]] = queue.Queue()
         for i, req in enumerate(reqs):
-            idx = i if is_batch else None
-            self._loop.submit(req, lambda r, idx=idx: q.put(build_output(r, idx)))
+
+            def on_update(r: Request, idx: int | None = i if is_batch else None) -> None:
+                q.put(build_output(r, idx))
+
+            self._loop.submit(req, on_update)
         left = len(reqs)
         try:
             while left:

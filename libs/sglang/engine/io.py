@@ -44,7 +44,7 @@ def normalize_inputs(
         if not isinstance(input_ids, list):
             raise ValueError("input_ids must be a list of ints or a list of lists of ints")
         is_batch = bool(input_ids) and isinstance(input_ids[0], list)
-        ids = list(input_ids) if is_batch else [input_ids]  # type: ignore[list-item]
+        ids = list(input_ids) if is_batch else [input_ids]  # type: ignore[arg-type,list-item]
         texts = [None] * len(ids)
     n = len(texts)
     if n == 0:

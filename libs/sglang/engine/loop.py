@@ -88,9 +88,9 @@ class EngineLoop:
             self._sinks[cmd.req.rid] = cmd.sink
             sched.add_request(cmd.req)
         elif isinstance(cmd, _Abort):
-            req = sched.abort(cmd.rid)
-            if req is not None:
-                self._emit(req)
+            aborted = sched.abort(cmd.rid)
+            if aborted is not None:
+                self._emit(aborted)
         else:
             try:
                 cmd.fut.set_result(cmd.fn(sched))

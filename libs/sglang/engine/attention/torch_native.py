@@ -30,7 +30,9 @@ class TorchNativeBackend(AttentionBackend):
         self._window_masks: dict[tuple[int, int], list[torch.Tensor | None]] = {}
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
-        starts, slots, masks = [], [], []
+        starts: list[int] = []
+        slots: list[torch.Tensor] = []
+        masks: list[torch.Tensor | None] = []
         off = 0
         table = batch.req_to_token.table
         rows = batch.req_pool_indices.tolist()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -43,10 +44,16 @@ class ModelOutput:
 class ModelRunner:
     def __init__(self, model: ModelSettings, cache: CacheSettings, sched: SchedulerSettings, model_path: str) -> None:
         self.device = resolve_device(model.device)
+        self.model: Any
         self.model, self.hf_config, self.info = load_model(
             model_path, model.load_format, model.dtype, str(self.device), model.seed
         )
         self.dtype = next(self.model.parameters()).dtype
+        if model.context_length is not None and model.context_length > self.info.context_length:
+            raise ValueError(
+                f"context_length={model.context_length} exceeds the model's max_position_embeddings "
+                f"({self.info.context_length}); lower it"
+            )
         self.context_length = model.context_length or self.info.context_length
         self.page_size = cache.page_size
         kv_dtype = self.dtype if cache.kv_cache_dtype == "auto" else getattr(torch, cache.kv_cache_dtype)

@@ -1,0 +1,389 @@
+"""Shared helpers for the benchmarks: models, the hardware header, rooflines, Markdown tables.
+
+Run the benchmarks as scripts from the repository root (``.venv/bin/python benchmarks/one_batch.py``);
+this module is imported as ``common`` (the scripts put their own folder on ``sys.path``).
+
+Rule 12 of the design: print what the hardware allows next to what was achieved. ``hardware_info``
+measures the two numbers that bound a CPU forward pass -- memory bandwidth (a large tensor copy)
+and matmul throughput -- and ``ModelCost`` turns a model config into bytes and FLOPs per step, so a
+benchmark can print "achieved X GB/s of Y" and "floor Z ms/step" next to its timings.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# The benchmark's tiny random Llama: big enough that a forward pass is more than a handful of
+# kernel launches, small enough that Python overhead dominates -- it measures the engine, not BLAS.
+TINY_LLAMA: dict[str, Any] = {
+    "vocab_size": 4096,
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "initializer_range": 0.05,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+
+
+# ---- models ----------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    """``$SGLANG_CACHE_DIR`` (else ``~/.cache/sglang``) ``/bench``: where benchmark models live."""
+    base = os.environ.get("SGLANG_CACHE_DIR") or os.path.expanduser("~/.cache/sglang")
+    return Path(base).resolve() / "bench"
+
+
+def tiny_llama_path(seed: int = 0, **overrides: Any) -> str:
+    """Build (once) a random Llama with the real HF classes and save it as safetensors.
+
+    The folder name carries a hash of the config and seed, so changing ``TINY_LLAMA`` builds a new
+    one. No tokenizer is written: run the engine with ``skip_tokenizer_init=True``.
+    """
+    cfg = {**TINY_LLAMA, **overrides}
+    key = hashlib.sha256(json.dumps({"cfg": cfg, "seed": seed}, sort_keys=True).encode()).hexdigest()[:10]
+    path = cache_dir() / f"tiny-llama-{key}"
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return str(path)
+    import transformers as tf
+
+    config = tf.LlamaConfig(**cfg)
+    torch.manual_seed(seed)
+    model = tf.LlamaForCausalLM(config).to(torch.float32).eval()
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process won the race; keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
+
+
+def resolve_model(model_path: str | None, tiny: bool) -> tuple[str, str]:
+    """``(path, short name)`` for ``--tiny`` / ``--model-path`` / the default model."""
+    if tiny:
+        return tiny_llama_path(), "tiny-llama (random)"
+    if model_path is None:
+        from sglang.engine.models.default_model import DEFAULT_MODEL_NAME, default_model_path
+
+        return default_model_path(), DEFAULT_MODEL_NAME
+    return model_path, Path(model_path).name
+
+
+def has_tokenizer(path: str) -> bool:
+    return any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def load_hf_config(path: str) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def load_hf_model(path: str, dtype: torch.dtype) -> Any:
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dt
+
+
+# ---- cost model ------------------------------------------------------------------------------
+@dataclass
+class ModelCost:
+    """Bytes and FLOPs of a decoder-only model's forward pass (Llama family, GQA)."""
+
+    num_layers: int
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    dtype_bytes: int
+
+    @classmethod
+    def from_config(cls, config: Any, dtype: torch.dtype) -> ModelCost:
+        heads = int(config.num_attention_heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        return cls(
+            num_layers=int(config.num_hidden_layers),
+            hidden=int(config.hidden_size),
+            num_heads=heads,
+            num_kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+            head_dim=head_dim,
+            intermediate=int(config.intermediate_size),
+            vocab=int(config.vocab_size),
+            tied=bool(getattr(config, "tie_word_embeddings", False)),
+            dtype_bytes=torch.tensor([], dtype=dtype).element_size(),
+        )
+
+    @property
+    def layer_params(self) -> int:
+        h, d = self.hidden, self.head_dim
+        attn = h * (self.num_heads + 2 * self.num_kv_heads) * d + self.num_heads * d * h
+        mlp = 3 * h * self.intermediate
+        return self.num_layers * (attn + mlp + 2 * h)
+
+    @property
+    def lm_head_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def num_params(self) -> int:
+        """Distinct parameters (a tied head counts once)."""
+        embed = self.vocab * self.hidden
+        return self.layer_params + embed + (0 if self.tied else self.lm_head_params) + self.hidden
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    def decode_bytes(self, batch: int, context: int) -> int:
+        """Bytes a decode step must read at least: every layer weight and the LM head once, the
+        embedding rows of the batch, and the K/V of every context token of every request."""
+        weights = (self.layer_params + self.lm_head_params + self.hidden) * self.dtype_bytes
+        embed_rows = batch * self.hidden * self.dtype_bytes
+        return weights + embed_rows + batch * context * self.kv_bytes_per_token()
+
+    def forward_flops(self, new_tokens: int, context_after: int, logits_rows: int) -> float:
+        """FLOPs of one request's forward: ``new_tokens`` tokens ending at ``context_after``
+        (causal), with LM-head logits for ``logits_rows`` rows."""
+        dense = 2.0 * self.layer_params * new_tokens
+        start = context_after - new_tokens
+        # Scores and weighted sum: 2 matmuls x 2 FLOPs per (query, key, head, dim).
+        keys = sum(start + i + 1 for i in range(new_tokens))
+        attn = 4.0 * self.num_layers * self.num_heads * self.head_dim * keys
+        head = 2.0 * self.lm_head_params * logits_rows
+        return dense + attn + head
+
+
+# ---- hardware --------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def measure_bandwidth_gbs(mib: int = 512, repeats: int = 8) -> float:
+    """Best of ``repeats`` copies of a ``mib`` MiB float32 tensor; counts read + write bytes."""
+    n = mib * 2**20 // 4
+    src = torch.ones(n, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault the pages in
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * src.element_size() / best / 1e9
+
+
+def measure_matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
+    """Best of ``repeats`` ``n x n`` matmuls in ``dtype``."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best / 1e9
+
+
+class LoadMeter:
+    """CPU used by *other* processes while a measurement runs, in cores (0.0 = a quiet machine).
+
+    Reads the machine's busy time from ``/proc/stat`` and subtracts this process's own CPU time.
+    The benchmark machines are shared; a measurement taken next to a busy neighbour is flagged.
+    """
+
+    def __init__(self) -> None:
+        self._t0 = self._busy0 = self._own0 = 0.0
+        self.start()
+
+    @staticmethod
+    def _machine_busy_s() -> float:
+        try:
+            with open("/proc/stat", encoding="utf-8") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return float("nan")
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own_s() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    def start(self) -> None:
+        self._t0, self._busy0, self._own0 = time.perf_counter(), self._machine_busy_s(), self._own_s()
+
+    def others_cores(self) -> float:
+        """Average cores used by other processes since ``start``."""
+        wall = time.perf_counter() - self._t0
+        if wall <= 0:
+            return float("nan")
+        others = (self._machine_busy_s() - self._busy0) - (self._own_s() - self._own0)
+        return max(others, 0.0) / wall
+
+
+def idle_load(seconds: float = 1.0) -> float:
+    """Cores busy with other processes over ``seconds`` while we sleep."""
+    m = LoadMeter()
+    time.sleep(seconds)
+    return m.others_cores()
+
+
+@dataclass
+class Hardware:
+    cpu: str
+    cores: int
+    threads: int
+    torch: str
+    transformers: str
+    python: str
+    bandwidth_gbs: float
+    matmul_gflops: float
+    matmul_dtype: str
+    commit: str
+    others_cores: float  # CPU used by other processes when the benchmark started
+
+    def line(self) -> str:
+        return (
+            f"{self.cpu}, {self.cores} cores, torch {self.torch} ({self.threads} threads), "
+            f"transformers {self.transformers}, Python {self.python}"
+        )
+
+    def roof_line(self) -> str:
+        return (
+            f"measured: copy bandwidth {self.bandwidth_gbs:.1f} GB/s, "
+            f"{self.matmul_dtype} matmul {self.matmul_gflops:.0f} GFLOP/s "
+            f"(other processes were using {self.others_cores:.2f} of {self.cores} cores)"
+        )
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "libs"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        return head + (" + uncommitted changes in libs/" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def hardware_info(dtype: torch.dtype = torch.float32) -> Hardware:
+    import transformers
+
+    others = idle_load()
+    return Hardware(
+        cpu=cpu_model(),
+        cores=usable_cores(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        python=platform.python_version(),
+        bandwidth_gbs=measure_bandwidth_gbs(),
+        matmul_gflops=measure_matmul_gflops(dtype),
+        matmul_dtype=str(dtype).replace("torch.", ""),
+        commit=git_commit(),
+        others_cores=others,
+    )
+
+
+# ---- output ----------------------------------------------------------------------------------
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            if v != v:  # NaN: not measured
+                return "-"
+            return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    cells = [[fmt(v) for v in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    numeric = [all(isinstance(r[i], (int, float)) for r in rows) for i in range(len(headers))]
+    body = [
+        "| " + " | ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(r, widths, numeric, strict=True)) + " |"
+        for r in cells
+    ]
+    return "\n".join([line, sep, *body])
+
+
+def command_line() -> str:
+    args = " ".join(sys.argv[1:])
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO_ROOT)
+    return f".venv/bin/python {script} {args}".strip()
+
+
+def append_section(path: str, title: str, body: str) -> None:
+    """Append ``## title`` + body (with date and command) to the Markdown file at ``path``."""
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    text = f"\n## {title}\n\n{stamp}, `{command_line()}`\n\n{body.rstrip()}\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+
+
+def quiet_logs() -> None:
+    """Keep HF's and our INFO logs out of the tables."""
+    import logging
+    import warnings
+
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetic only
+        pass
