@@ -277,6 +277,20 @@ def idle_load(seconds: float = 1.0) -> float:
     return m.others_cores()
 
 
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.25, window_s: float = 2.0) -> float:
+    """Wait (up to ``max_wait_s``) until other processes use under ``threshold`` cores for a whole
+    ``window_s``; returns their last measured load. The benchmark machines are shared."""
+    if max_wait_s <= 0:
+        return float("nan")
+    deadline = time.monotonic() + max_wait_s
+    load = float("nan")
+    while time.monotonic() < deadline:
+        load = idle_load(min(window_s, max(deadline - time.monotonic(), 0.1)))
+        if load < threshold:
+            break
+    return load
+
+
 @dataclass
 class Hardware:
     cpu: str
@@ -318,9 +332,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-def hardware_info(dtype: torch.dtype = torch.float32) -> Hardware:
+def hardware_info(dtype: torch.dtype = torch.float32, wait_quiet_s: float = 0.0) -> Hardware:
     import transformers
 
+    wait_for_quiet(wait_quiet_s)
     others = idle_load()
     return Hardware(
         cpu=cpu_model(),

@@ -47,6 +47,7 @@ from common import (  # noqa: E402
     quiet_logs,
     resolve_model,
     torch_dtype,
+    wait_for_quiet,
 )
 
 
@@ -86,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream", action="store_true", help="stream, and report TTFT / ITL percentiles")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--hf-batch", type=int, default=16)
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                   help="before each measurement wait up to S seconds for other processes to go quiet")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="append a Markdown section to this file")
     args = p.parse_args(argv)
@@ -219,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     ctx = int(getattr(config, "max_position_embeddings", 0) or 0)
     if ctx and 2 * w.max_len > ctx:
         raise SystemExit(f"lengths up to {w.max_len} + {w.max_len} exceed the model's context {ctx}")
-    hw = hardware_info(dtype)
+    hw = hardware_info(dtype, args.wait_quiet)
     header = [
         f"model: {name} ({cost.num_params / 1e6:.1f}M params, {args.dtype}) at {path}",
         f"hardware: {hw.line()}",
@@ -238,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     warm = Workload([[1] * 16 for _ in range(4)], [4] * 4, 4, 16)
     run_ours(engine, warm, args.temperature)
     before = engine.get_stats()
+    wait_for_quiet(args.wait_quiet)
     meter = LoadMeter()
     ttft: list[float] = []
     itl: list[float] = []
@@ -260,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_hf:
         model = load_hf_model(path, dtype)
         run_hf(model, warm, args.hf_batch, args.temperature)
+        wait_for_quiet(args.wait_quiet)
         meter = LoadMeter()
         hf_s, generated = run_hf(model, w, args.hf_batch, args.temperature)
         hf_others = meter.others_cores()

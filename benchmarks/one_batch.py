@@ -56,6 +56,7 @@ from common import (  # noqa: E402
     quiet_logs,
     resolve_model,
     torch_dtype,
+    wait_for_quiet,
 )
 
 NAN = float("nan")
@@ -85,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-hf", action="store_true", help="do not run HF transformers")
     p.add_argument("--repeats", type=int, default=1, help="run each point this many times; best prefill, median decode")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                   help="before each measurement wait up to S seconds for other processes to go quiet")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--profile", action="store_true", help="profile our prefill and decode steps at the last point")
     p.add_argument("--profile-steps", type=int, default=8, help="decode steps in the phase breakdown")
@@ -355,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     path, name = resolve_model(args.model_path, args.tiny)
     config = load_hf_config(path)
     cost = ModelCost.from_config(config, dtype)
-    hw = hardware_info(dtype)
+    hw = hardware_info(dtype, args.wait_quiet)
     header = [
         f"model: {name} ({cost.num_params / 1e6:.1f}M params, {args.dtype}, {cost.num_layers} layers, "
         f"hidden {cost.hidden}, vocab {cost.vocab}) at {path}",
@@ -381,6 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         pt = Point(bs, in_len, out_len)
         prompts = random_prompts(bs, in_len, cost.vocab, args.seed)
         prefills, decodes, hf_pre, hf_dec = [], [], [], []
+        wait_for_quiet(args.wait_quiet)
         meter = LoadMeter()
         for _ in range(args.repeats):
             pre, steps = run_ours(engine, prompts, out_len)

@@ -153,12 +153,10 @@ def convert_gguf_to_hf(
 
 
 def _make_readable(folder: str) -> None:
-    """``mkdtemp`` makes a private folder; give the result the usual permissions (umask applies)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o755 & ~umask)
+    """``mkdtemp`` makes a private folder; give the result the usual cache permissions."""
+    os.chmod(folder, 0o755)
     for name in os.listdir(folder):
-        os.chmod(os.path.join(folder, name), 0o644 & ~umask)
+        os.chmod(os.path.join(folder, name), 0o644)
 
 
 def _clean_config_dict(config: dict[str, Any], dtype: str) -> dict[str, Any]:
@@ -189,7 +187,8 @@ def _write_hf_folder(gguf_path: str, out_dir: str, dtype_name: str) -> None:
     state = source.state_dict()
     tied = bool(getattr(config, "tie_word_embeddings", False))
     if tied and "lm_head.weight" in state:
-        if not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
+        embed = state.get("model.embed_tokens.weight")
+        if embed is not None and not torch.equal(state["lm_head.weight"], embed):
             raise ValueError("config ties word embeddings but the GGUF's lm_head differs from embed_tokens")
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     state = {k: v.to(dtype) for k, v in state.items()}
