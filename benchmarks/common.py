@@ -320,6 +320,18 @@ class Hardware:
 
 
 def git_commit() -> str:
+    """The sglang code being measured: the commit of this checkout (and whether ``libs/`` has
+    uncommitted changes), or, when ``sglang`` is imported from elsewhere (a snapshot on
+    ``PYTHONPATH``), that folder and the ``COMMIT`` file next to its ``libs/``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sglang")
+    origin = Path(spec.origin).resolve() if spec and spec.origin else None
+    if origin is not None and REPO_ROOT not in origin.parents:
+        root = origin.parent.parent.parent  # <root>/libs/sglang/__init__.py
+        stamp = root / "COMMIT"
+        label = stamp.read_text().strip() if stamp.is_file() else "unknown commit"
+        return f"{label} (snapshot in {root})"
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True

@@ -56,7 +56,7 @@ def test_kv_pool_set_and_read_slots() -> None:
 def test_kv_slots_grow_release(page_size: int) -> None:
     alloc = PageAllocator(num_pages=8, page_size=page_size)
     table = ReqToTokenPool(max_reqs=4, max_context_len=8 * page_size, device="cpu")
-    kv = KVSlots(alloc, table)
+    kv = KVSlots(alloc, table, None)
     r1 = Request("a", [1, 2, 3], SamplingParams())
     r2 = Request("b", [4], SamplingParams())
     kv.grow(r1, 3 * page_size)

@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings
 from sglang.engine.io import build_output, normalize_inputs, validate_ids
 from sglang.engine.loop import EngineLoop
 from sglang.engine.models.default_model import default_model_path
+from sglang.engine.prefix_cache import InProcessPublisher, RadixCache
 from sglang.engine.runner.model_runner import ModelRunner
 from sglang.engine.sampling.params import SamplingParams
 from sglang.engine.scheduler.request import Request
@@ -66,7 +67,13 @@ class Engine:
         eos += [e for e in info.eos_token_ids if e not in eos]
         self.eos_token_ids = eos
         torch.manual_seed(self.model_settings.seed)
-        self.scheduler = Scheduler(self.runner, self.scheduler_settings, eos)
+        self.kv_events = InProcessPublisher()
+        cache = None
+        if not self.cache_settings.disable_radix_cache:
+            cache = RadixCache(
+                self.runner.allocator, self.runner.page_size, self.cache_settings.eviction_policy, self.kv_events
+            )
+        self.scheduler = Scheduler(self.runner, self.scheduler_settings, eos, cache)
         self._loop = EngineLoop(self.scheduler, self.scheduler_settings.check_integrity_when_idle)
         self._counter = itertools.count()
         logger.info("engine ready: %s (%s, %s)", self.model_path, info.architecture, self.runner.dtype)
@@ -260,16 +267,24 @@ class Engine:
             return {
                 "num_running_reqs": len(s.running),
                 "num_waiting_reqs": len(s.waiting),
-                "num_used_pages": alloc.num_used,
+                "num_used_pages": s.kv.pages_in_use,  # owned by requests; cached pages are separate
                 "num_total_pages": alloc.num_pages,
-                "token_usage": alloc.num_used / alloc.num_pages,
+                "token_usage": s.kv.pages_in_use / alloc.num_pages,
                 "num_retractions": s.num_retractions,
+                "cache_hit_rate": s.cache.hit_rate if s.cache is not None else 0.0,
+                "num_cached_pages": s.cache.num_cached_pages if s.cache is not None else 0,
+                "num_evicted_pages": s.cache.num_evictions if s.cache is not None else 0,
                 "num_steps": s.num_steps,
                 "max_total_tokens": s.runner.max_total_tokens,
             }
 
         stats: dict[str, Any] = self._loop.call(read)
         return stats
+
+    def flush_cache(self) -> bool:
+        """Empty the prefix cache. Refused (False) while requests are running."""
+        ok: bool = self._loop.call(lambda s: s.flush_cache())
+        return ok
 
     def shutdown(self) -> None:
         """Abort what is in flight, stop the scheduler thread and free the model and KV pool."""

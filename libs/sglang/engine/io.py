@@ -86,7 +86,7 @@ def build_output(req: Request, index: int | None = None) -> dict[str, Any]:
         "id": req.rid,
         "prompt_tokens": len(req.prompt_ids),
         "completion_tokens": len(req.output_ids),
-        "cached_tokens": 0,
+        "cached_tokens": req.cached_tokens,
         "finish_reason": req.finish_reason.to_dict() if req.finish_reason else None,
     }
     if req.return_logprob:

@@ -23,5 +23,11 @@ class CacheSettings(BaseSettings):
     cpu_kv_cache_gib: float = Field(default=1.0, gt=0.0, le=1024.0)
     """CPU: memory for the KV pool when ``max_total_tokens`` is not given."""
 
+    disable_radix_cache: bool = False
+    """Turn the prefix cache off (every prompt is computed in full), for comparison."""
+
+    eviction_policy: str = Field(default="lru", pattern=r"^(lru|lfu)$")
+    """Which unlocked cached prefixes go first when pages run short."""
+
     kv_cache_dtype: str = Field(default="auto", pattern=r"^(auto|float32|bfloat16|float16)$")
     """KV dtype; ``auto`` follows the model dtype."""

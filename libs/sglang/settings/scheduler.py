@@ -22,8 +22,9 @@ class SchedulerSettings(BaseSettings):
     max_prefill_tokens: int = Field(default=16384, ge=1, le=1_048_576)
     """Most new tokens in one prefill batch (across requests)."""
 
-    schedule_policy: Literal["fcfs"] = "fcfs"
-    """Order in which waiting requests are admitted."""
+    schedule_policy: Literal["fcfs", "lpm"] = "fcfs"
+    """Order in which waiting requests are admitted: arrival (``fcfs``) or longest cached prefix
+    first (``lpm``)."""
 
     new_token_ratio: float = Field(default=0.7, ge=0.0, le=1.0)
     """Fraction of each running request's remaining max_new_tokens reserved at admission, so that

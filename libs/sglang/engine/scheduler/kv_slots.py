@@ -1,46 +1,124 @@
-"""Per-request KV bookkeeping on top of the page allocator and the request-to-token table.
+"""Per-request KV bookkeeping over the page allocator, the req-to-token table and the prefix cache.
 
-A request owns whole pages; token ``j`` of a request lives in slot
-``pages[j // page_size] * page_size + j % page_size``. When pages are granted, their slots are
-written into the request's row of the req-to-token table, so backends read one dense row.
+A request's ``pages`` cover its tokens in order; token ``j`` lives in slot
+``pages[j // page_size] * page_size + j % page_size``. The first ``num_tree_pages`` of them belong
+to the prefix cache and are pinned by the lock on ``req.tree_node``; the rest are the request's own
+("in use"). Invariant: allocator free + in use + cached == total pages.
+
+When pages run short, unlocked cached pages are evicted before anyone is retracted.
 """
 
 from __future__ import annotations
 
 import torch
 
-from sglang.engine.memory import PageAllocator, ReqToTokenPool
+from sglang.engine.memory import OutOfPagesError, PageAllocator, ReqToTokenPool
+from sglang.engine.prefix_cache import RadixCache
 from sglang.engine.scheduler.request import Request
 
 
 class KVSlots:
     """Grants and takes back a request's pages and table row. Owned by the scheduler thread."""
 
-    def __init__(self, allocator: PageAllocator, req_to_token: ReqToTokenPool) -> None:
+    def __init__(self, allocator: PageAllocator, req_to_token: ReqToTokenPool, cache: RadixCache | None) -> None:
         self.allocator = allocator
         self.req_to_token = req_to_token
+        self.cache = cache
         self.page_size = allocator.page_size
-        self.pages_in_use = 0
+        self.pages_in_use = 0  # pages owned by requests (not by the cache)
 
+    # ---- capacity ------------------------------------------------------------------------
     def pages_needed(self, req: Request, upto_tokens: int) -> int:
         """Extra pages ``req`` needs to hold ``upto_tokens`` tokens."""
         return max(0, -(-upto_tokens // self.page_size) - len(req.pages))
 
-    def grow(self, req: Request, upto_tokens: int) -> None:
-        """Give ``req`` enough pages for ``upto_tokens`` tokens. Raises OutOfPagesError."""
-        if upto_tokens > self.req_to_token.max_context_len:
-            raise ValueError(f"{upto_tokens} tokens exceed the context length {self.req_to_token.max_context_len}")
+    @property
+    def available_pages(self) -> int:
+        """Free pages plus cached pages that eviction could free now."""
+        evictable = self.cache.num_evictable_pages if self.cache is not None else 0
+        return self.allocator.num_free + evictable
+
+    def _alloc(self, n: int) -> list[int]:
+        short = n - self.allocator.num_free
+        if short > 0 and self.cache is not None:
+            self.cache.evict(short)
+        return self.allocator.alloc(n)  # raises OutOfPagesError
+
+    # ---- prefix reuse ----------------------------------------------------------------------
+    def match_len(self, req: Request) -> int:
+        """Tokens of ``req`` the cache could serve now (at least one token is left to compute)."""
+        if self.cache is None:
+            return 0
+        # Read-only: ranking and peeking must not count as cache hits or reorder eviction.
+        return self.cache.peek_prefix_len(req.tokens(0, req.num_known - 1), req.extra_key)
+
+    def attach_prefix(self, req: Request) -> int:
+        """Pin the longest cached prefix of a request that holds no KV; returns its token count."""
+        assert not req.pages and req.num_computed == 0
+        if self.cache is None:
+            return 0
+        m = self.cache.match_prefix(req.tokens(0, req.num_known - 1), req.extra_key)
+        if not m.pages:
+            return 0
+        self.cache.lock(m.node)
+        req.tree_node = m.node
         if req.row is None:
             req.row = self.req_to_token.alloc()
+        req.pages = list(m.pages)
+        req.num_tree_pages = len(m.pages)
+        self._write_pages(req, 0, m.pages)
+        req.num_computed = m.num_tokens
+        return m.num_tokens
+
+    def cache_computed(self, req: Request) -> None:
+        """Hand the whole pages computed so far to the cache (in-flight and finished requests).
+
+        Where the cache already held the same content, the request switches to the cache's pages
+        and frees its duplicates, so concurrent requests converge on one copy.
+        """
+        if self.cache is None or req.row is None:
+            return
+        full = req.num_computed // self.page_size
+        if full <= req.num_tree_pages:
+            return
+        res = self.cache.insert(req.tokens(0, full * self.page_size), req.pages[:full], req.extra_key)
+        if res.duplicate_pages:
+            self.allocator.free(res.duplicate_pages)
+        # Pages that changed hands: from own to the cache's (taken or swapped for the cache's copy).
+        self.pages_in_use -= full - req.num_tree_pages
+        if res.pages != req.pages[:full]:
+            self._write_pages(req, 0, res.pages)
+            req.pages[:full] = res.pages
+        self.cache.lock(res.node)
+        if req.tree_node is not None:
+            self.cache.unlock(req.tree_node)
+        req.tree_node = res.node
+        req.num_tree_pages = full
+
+    # ---- growth and release ----------------------------------------------------------------
+    def grow(self, req: Request, upto_tokens: int) -> None:
+        """Give ``req`` enough pages for ``upto_tokens`` tokens (evicting cached pages if needed).
+        Raises OutOfPagesError when even eviction cannot make room."""
+        if upto_tokens > self.req_to_token.max_context_len:
+            raise ValueError(f"{upto_tokens} tokens exceed the context length {self.req_to_token.max_context_len}")
         n = self.pages_needed(req, upto_tokens)
+        if req.row is None:
+            if self.req_to_token.num_free == 0:
+                raise OutOfPagesError("no free request rows")
+            req.row = self.req_to_token.alloc()
         if n == 0:
             return
-        new = self.allocator.alloc(n)
-        start = len(req.pages) * self.page_size
+        new = self._alloc(n)
+        start = len(req.pages)
         req.pages.extend(new)
         self.pages_in_use += n
+        self._write_pages(req, start, new)
+
+    def _write_pages(self, req: Request, first_page: int, pages: list[int]) -> None:
+        assert req.row is not None
         ps = self.page_size
-        slots = (torch.tensor(new, dtype=torch.int64).unsqueeze(1) * ps + torch.arange(ps)).flatten()
+        slots = (torch.tensor(pages, dtype=torch.int64).unsqueeze(1) * ps + torch.arange(ps)).flatten()
+        start = first_page * ps
         end = min(start + slots.numel(), self.req_to_token.max_context_len)
         self.req_to_token.write(req.row, start, slots[: end - start])
 
@@ -48,22 +126,34 @@ class KVSlots:
         assert req.row is not None
         return self.req_to_token.table[req.row, start:end]
 
-    def release(self, req: Request) -> None:
-        """Free all of ``req``'s pages and its row; its KV is gone (``num_computed = 0``)."""
-        if req.pages:
-            self.allocator.free(req.pages)
-            self.pages_in_use -= len(req.pages)
-            req.pages = []
+    def release(self, req: Request, keep_in_cache: bool = True) -> None:
+        """Drop ``req``'s KV: whole computed pages go to the cache (when enabled and asked), the
+        rest are freed, the lock and the row are released, and ``num_computed`` becomes 0."""
+        if keep_in_cache:
+            self.cache_computed(req)
+        own = req.pages[req.num_tree_pages :]
+        if own:
+            self.allocator.free(own)
+            self.pages_in_use -= len(own)
+        if req.tree_node is not None and self.cache is not None:
+            self.cache.unlock(req.tree_node)
+        req.tree_node = None
+        req.pages = []
+        req.num_tree_pages = 0
         if req.row is not None:
             self.req_to_token.free(req.row)
             req.row = None
         req.num_computed = 0
 
     def check_integrity(self, admitted: list[Request]) -> None:
-        held = sum(len(r.pages) for r in admitted)
+        held = sum(len(r.pages) - r.num_tree_pages for r in admitted)
         if held != self.pages_in_use:
-            raise AssertionError(f"requests hold {held} pages but {self.pages_in_use} are accounted in use")
-        self.allocator.check_integrity(in_use=self.pages_in_use)
+            raise AssertionError(f"requests own {held} pages but {self.pages_in_use} are accounted in use")
+        cached = 0
+        if self.cache is not None:
+            self.cache.check_integrity()
+            cached = self.cache.num_cached_pages
+        self.allocator.check_integrity(in_use=self.pages_in_use, cached=cached)
         rows = self.req_to_token.max_reqs - self.req_to_token.num_free
         with_row = sum(1 for r in admitted if r.row is not None)
         if rows != with_row:

@@ -66,9 +66,15 @@ class Request:
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
 
-    # KV ownership: pages held (in token order) and the req-to-token row, while admitted.
+    # KV ownership: pages held (in token order) and the req-to-token row, while admitted. The
+    # first ``num_tree_pages`` belong to the prefix cache, pinned by the lock on ``tree_node``.
     pages: list[int] = field(default_factory=list)
     row: int | None = None
+    num_tree_pages: int = 0
+    tree_node: Any = None
+    extra_key: str | None = None  # prefix-cache namespace (LoRA adapter, cache salt)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    admitted_once: bool = False
 
     generator: torch.Generator | None = None
     detokenizer: IncrementalDetokenizer | None = None

@@ -17,27 +17,41 @@ from collections.abc import Iterable
 import torch
 
 from sglang.engine.memory import OutOfPagesError
+from sglang.engine.prefix_cache import RadixCache
 from sglang.engine.runner.forward_batch import ForwardMode
 from sglang.engine.runner.model_runner import ModelInput, ModelRunner
 from sglang.engine.sampling.sampler import Sampler, SamplingBatch
 from sglang.engine.scheduler.batch import Entry, ScheduledBatch
 from sglang.engine.scheduler.kv_slots import KVSlots
 from sglang.engine.scheduler.output_processor import OutputProcessor
+from sglang.engine.scheduler.policy import create_policy
 from sglang.engine.scheduler.request import FinishReason, Request, Status
 from sglang.settings import SchedulerSettings
 
 logger = logging.getLogger(__name__)
 
+# A waiting request that shares at least this many uncached tokens with one computing in the same
+# step waits one step, then reuses that prefix from the cache (SGLang's in-batch prefix caching).
+IN_BATCH_SHARE_THRESHOLD = 32
+
 
 class Scheduler:
     """Single-threaded: all methods run on the engine's scheduler thread."""
 
-    def __init__(self, runner: ModelRunner, settings: SchedulerSettings, eos_token_ids: list[int]) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        settings: SchedulerSettings,
+        eos_token_ids: list[int],
+        cache: RadixCache | None = None,
+    ) -> None:
         self.runner = runner
         self.settings = settings
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.kv = KVSlots(runner.allocator, runner.req_to_token)
+        self.cache = cache
+        self.kv = KVSlots(runner.allocator, runner.req_to_token, cache)
+        self.policy = create_policy(settings.schedule_policy)
         self.sampler = Sampler()
         self.outputs = OutputProcessor(eos_token_ids, runner.context_length)
         self.eos_token_ids = eos_token_ids
@@ -63,6 +77,10 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def flush_cache(self) -> bool:
+        """Drop every cached prefix; refused (False) while any request pins one."""
+        return self.cache.flush() if self.cache is not None else True
 
     def check_integrity(self) -> None:
         self.kv.check_integrity(self.running + list(self.waiting))
@@ -102,20 +120,45 @@ class Scheduler:
                 continue
             entries.append(self._entry(req, n))
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.settings.max_running_requests:
-            req = self.waiting[0]
-            n = min(req.num_pending, budget)
-            if self.kv.pages_needed(req, n) > self.runner.allocator.num_free - self._reserved_pages():
+        if not self.waiting or budget <= 0:
+            return entries
+        for req in self.policy.order(self.waiting, self.kv):
+            if budget <= 0 or len(self.running) >= self.settings.max_running_requests:
                 break
             if self.runner.req_to_token.num_free == 0:
                 break
-            self.waiting.popleft()
-            self.kv.grow(req, n)
+            if self.kv.cache is not None and self._shares_with_batch(req, entries):
+                continue  # compute the shared prefix once: this one reuses it next step
+            cached = self.kv.attach_prefix(req)
+            n = min(req.num_pending, budget)
+            if self.kv.pages_needed(req, req.num_computed + n) > self.kv.available_pages - self._reserved_pages():
+                self.kv.release(req, keep_in_cache=False)
+                break
+            self.kv.grow(req, req.num_computed + n)
+            if not req.admitted_once:
+                req.cached_tokens = cached
+                req.admitted_once = True
+            self.waiting.remove(req)
             req.status = Status.RUNNING
             self.running.append(req)
             entries.append(self._entry(req, n))
             budget -= n
         return entries
+
+    def _shares_with_batch(self, req: Request, entries: list[Entry]) -> bool:
+        """True when ``req`` shares a long uncached prefix with a request computing this step."""
+        threshold = max(self.kv.page_size, IN_BATCH_SHARE_THRESHOLD)
+        mine = req.tokens(0, req.num_known - 1)
+        cached = self.kv.match_len(req)
+        for e in entries:
+            if e.req.extra_key != req.extra_key:
+                continue
+            other = e.req.tokens(0, e.req.num_known)
+            n = min(len(mine), len(other))
+            same = next((i for i in range(n) if mine[i] != other[i]), n)
+            if same - cached >= threshold:
+                return True
+        return False
 
     def _reserved_pages(self) -> int:
         """Pages kept back for running requests' future decode tokens (``new_token_ratio``)."""
@@ -209,6 +252,8 @@ class Scheduler:
                 self.outputs.record_prompt_logprobs(e, logits[row : row + n])
                 row += n
             e.req.num_computed = e.end
+            if batch.mode is ForwardMode.EXTEND:
+                self.kv.cache_computed(e.req)  # in-flight prefix: later arrivals reuse it
             if e.samples:
                 sample_rows.append(row)
                 sample_entries.append(e)
