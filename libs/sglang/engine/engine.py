@@ -100,6 +100,7 @@ class Engine:
         logprob_start_len: int | None,
         top_logprobs_num: int,
         stream: bool,
+        rid: str | None = None,
     ) -> tuple[list[Request], bool]:
         """Validate everything first (nothing is submitted if any prompt is bad)."""
         texts, ids_list, params_list, is_batch = normalize_inputs(prompt, input_ids, sampling_params)
@@ -119,6 +120,9 @@ class Engine:
             params.max_new_tokens = min(params.max_new_tokens, ctx - len(ids))
             for i in range(params.n):
                 reqs.append(self._request(ids, params, i, return_logprob, logprob_start_len, top_logprobs_num, stream))
+        if rid is not None:
+            for i, req in enumerate(reqs):
+                req.rid = rid if len(reqs) == 1 else f"{rid}-{i}"
         return reqs, is_batch or len(reqs) > 1
 
     def _request(
@@ -157,13 +161,15 @@ class Engine:
         logprob_start_len: int | None = None,
         top_logprobs_num: int = 0,
         stream: bool = False,
+        rid: str | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
         """Generate for one prompt (a dict) or a batch / ``n > 1`` (a list of dicts, in order).
         With ``stream=True``, an iterator of cumulative snapshots (batch items carry ``index``).
+        ``rid`` names the request for :meth:`abort` (``rid-i`` for the i-th of several).
         Raises ValueError on bad input before anything is queued."""
         self._reject_images(image_data)
         reqs, is_batch = self._make_requests(
-            prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, stream
+            prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, stream, rid
         )
         if stream:
             return self._stream(reqs, is_batch)
@@ -210,11 +216,12 @@ class Engine:
         logprob_start_len: int | None = None,
         top_logprobs_num: int = 0,
         stream: bool = False,
+        rid: str | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]] | AsyncIterator[dict[str, Any]]:
         """asyncio twin of :meth:`generate`; with ``stream=True`` it returns an async iterator."""
         self._reject_images(image_data)
         reqs, is_batch = self._make_requests(
-            prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, stream
+            prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, stream, rid
         )
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()

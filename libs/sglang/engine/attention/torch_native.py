@@ -21,6 +21,10 @@ class _Meta:
     token_starts: list[int]  # offset of request i's new tokens in the packed axis
     kv_slots: list[torch.Tensor]  # request i's KV slots for its whole context
     masks: list[torch.Tensor | None]  # [ext, seq] bool (True = attend) or None (decode, no window)
+    # DECODE batches run as one padded SDPA call: slots [B, L] (padding -> slot 0) and positions.
+    padded_slots: torch.Tensor | None = None
+    key_pos: torch.Tensor | None = None  # [1, L] key positions 0..L-1
+    seq_lens: torch.Tensor | None = None  # [B, 1]
 
 
 class TorchNativeBackend(AttentionBackend):
@@ -47,7 +51,14 @@ class TorchNativeBackend(AttentionBackend):
                 q_pos = torch.arange(pre, seq, device=table.device).unsqueeze(1)
                 k_pos = torch.arange(seq, device=table.device).unsqueeze(0)
                 masks.append(k_pos <= q_pos)
-        batch.attn_metadata = _Meta(starts, slots, masks)
+        meta = _Meta(starts, slots, masks)
+        if batch.is_decode:
+            max_len = max(batch.prefix_lens_cpu) + 1
+            meta.padded_slots = table[batch.req_pool_indices, :max_len]
+            meta.key_pos = torch.arange(max_len, device=table.device).unsqueeze(0)
+            meta.seq_lens = batch.seq_lens.unsqueeze(1)
+            # Slots past a request's length may hold stale ids; they are masked out below.
+        batch.attn_metadata = meta
         self._window_masks = {}
 
     def forward(
@@ -64,6 +75,8 @@ class TorchNativeBackend(AttentionBackend):
         batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k.view(t, kvh, d), v.view(t, kvh, d))
         k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
         q = q.view(t, h, d)
+        if meta.padded_slots is not None:
+            return self._decode_padded(q, k_buf, v_buf, layer, meta).reshape(t, h * d)
         out = torch.empty_like(q)
         for i, ext in enumerate(batch.extend_lens_cpu):
             s = meta.token_starts[i]
@@ -78,6 +91,24 @@ class TorchNativeBackend(AttentionBackend):
             )
             out[s : s + ext] = oi.squeeze(0).transpose(0, 1)
         return out.reshape(t, h * d)
+
+    @staticmethod
+    def _decode_padded(
+        q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, layer: AttentionLayerSpec, meta: _Meta
+    ) -> torch.Tensor:
+        """All decode requests in one SDPA call over their KV padded to the longest context."""
+        assert meta.padded_slots is not None and meta.key_pos is not None and meta.seq_lens is not None
+        slots = meta.padded_slots
+        ki = k_buf[slots].transpose(1, 2).to(q.dtype)  # [B, KVH, L, D]
+        vi = v_buf[slots].transpose(1, 2).to(q.dtype)
+        valid = meta.key_pos < meta.seq_lens  # [B, L]
+        if layer.sliding_window is not None:
+            valid = valid & (meta.key_pos >= meta.seq_lens - layer.sliding_window)
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2), ki, vi, attn_mask=valid[:, None, None, :], scale=layer.scaling,
+            enable_gqa=(layer.num_heads != layer.num_kv_heads),
+        )  # [B, H, 1, D]
+        return o.squeeze(2)
 
     def _mask(
         self, meta: _Meta, i: int, window: int | None, batch: ForwardBatch

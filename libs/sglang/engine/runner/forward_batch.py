@@ -41,6 +41,10 @@ class ForwardBatch:
     attn_metadata: Any = field(default=None)
 
     @property
+    def is_decode(self) -> bool:
+        return self.mode is ForwardMode.DECODE
+
+    @property
     def batch_size(self) -> int:
         return len(self.extend_lens_cpu)
 

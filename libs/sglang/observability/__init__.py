@@ -1,0 +1,1 @@
+"""Observability: every metric name in one module, logging setup, tracing."""
