@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import queue
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -29,15 +30,17 @@ from sglang.engine.prefix_cache import InProcessPublisher, RadixCache
 from sglang.engine.runner.model_runner import ModelRunner
 from sglang.engine.sampling.params import SamplingParams
 from sglang.engine.scheduler.request import Request
+from sglang.engine.scheduler.disagg import DecodeSide, PrefillSide
 from sglang.engine.scheduler.scheduler import Scheduler
 from sglang.engine.tokenizer.detokenizer import IncrementalDetokenizer
 from sglang.engine.tokenizer.stop import StopChecker
 from sglang.engine.tokenizer.tokenizer import Tokenizer
 from sglang.settings import CacheSettings, ModelSettings, SchedulerSettings
+from sglang.settings.disagg import DisaggSettings
 
 logger = logging.getLogger(__name__)
 
-_SETTINGS: tuple[type[BaseSettings], ...] = (ModelSettings, CacheSettings, SchedulerSettings)
+_SETTINGS: tuple[type[BaseSettings], ...] = (ModelSettings, CacheSettings, SchedulerSettings, DisaggSettings)
 
 
 def _split_settings(kwargs: dict[str, Any]) -> list[dict[str, Any]]:
@@ -55,8 +58,11 @@ def _split_settings(kwargs: dict[str, Any]) -> list[dict[str, Any]]:
 
 class Engine:
     def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
-        model_kw, cache_kw, sched_kw = _split_settings(kwargs)
+        model_kw, cache_kw, sched_kw, disagg_kw = _split_settings(kwargs)
         self.model_settings = ModelSettings(model_path=model_path, **model_kw)
+        self.disagg_settings = DisaggSettings(**disagg_kw)
+        if self.disagg_settings.disaggregation_mode == "decode":
+            cache_kw["disable_radix_cache"] = True  # the prompt's KV arrives from the prefill side
         self.cache_settings = CacheSettings(**cache_kw)
         self.scheduler_settings = SchedulerSettings(**sched_kw)
         self.model_path = self.model_settings.model_path or default_model_path()
@@ -73,10 +79,34 @@ class Engine:
             cache = RadixCache(
                 self.runner.allocator, self.runner.page_size, self.cache_settings.eviction_policy, self.kv_events
             )
-        self.scheduler = Scheduler(self.runner, self.scheduler_settings, eos, cache)
+        self.scheduler = Scheduler(self.runner, self.scheduler_settings, eos, cache, self._make_pd())
         self._loop = EngineLoop(self.scheduler, self.scheduler_settings.check_integrity_when_idle)
         self._counter = itertools.count()
         logger.info("engine ready: %s (%s, %s)", self.model_path, info.architecture, self.runner.dtype)
+
+    def _make_pd(self) -> PrefillSide | DecodeSide | None:
+        s = self.disagg_settings
+        if s.disaggregation_mode == "null":
+            return None
+        if s.kv_transfer_redis_url is None:
+            raise ValueError(f"disaggregation_mode={s.disaggregation_mode} needs kv_transfer_redis_url")
+        from sglang.kv_transfer import KVLayout, create_receiver, create_sender
+
+        info = self.runner.info
+        layout = KVLayout(
+            model=f"{info.architecture}:{os.path.basename(os.path.normpath(self.model_path))}",
+            num_layers=info.num_layers, page_size=self.runner.page_size, num_kv_heads=info.num_kv_heads,
+            head_dim=info.head_dim, dtype=str(self.runner.kv_pool.dtype).replace("torch.", ""),
+        )
+        name = s.kv_transfer_agent_name or f"{s.disaggregation_mode}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        kw = {
+            "kv_pool": self.runner.kv_pool, "layout": layout, "agent_name": name,
+            "redis_url": s.kv_transfer_redis_url, "timeout_s": s.kv_transfer_timeout_s,
+        }
+        self.kv_agent_name = name
+        if s.disaggregation_mode == "prefill":
+            return PrefillSide(create_sender(s.kv_transfer_backend, **kw), self.runner.page_size, s.kv_transfer_timeout_s)
+        return DecodeSide(create_receiver(s.kv_transfer_backend, **kw))
 
     def _load_tokenizer(self) -> Tokenizer | None:
         if self.model_settings.skip_tokenizer_init:
@@ -101,6 +131,7 @@ class Engine:
         top_logprobs_num: int,
         stream: bool,
         rid: str | None = None,
+        bootstrap_room: int | None = None,
     ) -> tuple[list[Request], bool]:
         """Validate everything first (nothing is submitted if any prompt is bad)."""
         texts, ids_list, params_list, is_batch = normalize_inputs(prompt, input_ids, sampling_params)
@@ -123,6 +154,15 @@ class Engine:
         if rid is not None:
             for i, req in enumerate(reqs):
                 req.rid = rid if len(reqs) == 1 else f"{rid}-{i}"
+        mode = self.disagg_settings.disaggregation_mode
+        if mode != "null" and bootstrap_room is not None and len(reqs) != 1:
+            raise ValueError("bootstrap_room pairs exactly one request (n=1, one prompt)")
+        if mode == "decode" and bootstrap_room is None:
+            raise ValueError("bootstrap_room is required on a decode worker")
+        if bootstrap_room is not None:
+            if mode == "null":
+                raise ValueError("bootstrap_room needs disaggregation_mode prefill or decode")
+            reqs[0].bootstrap_room = bootstrap_room
         return reqs, is_batch or len(reqs) > 1
 
     def _request(
@@ -162,6 +202,7 @@ class Engine:
         top_logprobs_num: int = 0,
         stream: bool = False,
         rid: str | None = None,
+        bootstrap_room: int | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
         """Generate for one prompt (a dict) or a batch / ``n > 1`` (a list of dicts, in order).
         With ``stream=True``, an iterator of cumulative snapshots (batch items carry ``index``).
@@ -169,7 +210,8 @@ class Engine:
         Raises ValueError on bad input before anything is queued."""
         self._reject_images(image_data)
         reqs, is_batch = self._make_requests(
-            prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, stream, rid
+            prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, stream, rid,
+            bootstrap_room,
         )
         if stream:
             return self._stream(reqs, is_batch)
@@ -217,11 +259,13 @@ class Engine:
         top_logprobs_num: int = 0,
         stream: bool = False,
         rid: str | None = None,
+        bootstrap_room: int | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]] | AsyncIterator[dict[str, Any]]:
         """asyncio twin of :meth:`generate`; with ``stream=True`` it returns an async iterator."""
         self._reject_images(image_data)
         reqs, is_batch = self._make_requests(
-            prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, stream, rid
+            prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, stream, rid,
+            bootstrap_room,
         )
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[dict[str, Any]] = asyncio.Queue()

@@ -113,10 +113,13 @@ class EngineLoop:
         sched = self.scheduler
         while True:
             try:
-                block = not sched.has_work()
+                # Block when there is nothing to do; when only waiting on KV transfers, wait a
+                # millisecond for commands instead of spinning.
+                block = not sched.has_work() or sched.idle
+                timeout = None if not sched.has_work() else 0.001
                 while True:
                     try:
-                        cmd = self._inbox.get(block=block, timeout=None)
+                        cmd = self._inbox.get(block=block, timeout=timeout)
                     except queue.Empty:
                         break
                     if not self._handle(cmd):

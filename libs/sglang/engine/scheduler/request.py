@@ -93,6 +93,13 @@ class Request:
     # the ones already recorded). Position 0 has no logprob (nothing precedes it).
     prompt_logprobs_done: int = 1
 
+    # Prefill/decode disaggregation: the room pairing this request's prefill and decode halves.
+    bootstrap_room: int | None = None
+    pd_sent_pages: int = 0  # prefill side: pages already written to the decode side
+    pd_chunks: int = 0
+    pd_deadline: float = 0.0
+    pd_finish: FinishReason | None = None
+
     arrival: int = 0  # admission order; retraction picks the newest
     num_retractions: int = 0
 

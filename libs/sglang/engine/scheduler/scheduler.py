@@ -22,6 +22,7 @@ from sglang.engine.runner.forward_batch import ForwardMode
 from sglang.engine.runner.model_runner import ModelInput, ModelRunner
 from sglang.engine.sampling.sampler import Sampler, SamplingBatch
 from sglang.engine.scheduler.batch import Entry, ScheduledBatch
+from sglang.engine.scheduler.disagg import DecodeSide, PrefillSide
 from sglang.engine.scheduler.kv_slots import KVSlots
 from sglang.engine.scheduler.output_processor import OutputProcessor
 from sglang.engine.scheduler.policy import create_policy
@@ -44,6 +45,7 @@ class Scheduler:
         settings: SchedulerSettings,
         eos_token_ids: list[int],
         cache: RadixCache | None = None,
+        pd: PrefillSide | DecodeSide | None = None,
     ) -> None:
         self.runner = runner
         self.settings = settings
@@ -52,6 +54,8 @@ class Scheduler:
         self.cache = cache
         self.kv = KVSlots(runner.allocator, runner.req_to_token, cache)
         self.policy = create_policy(settings.schedule_policy)
+        self.pd = pd  # prefill/decode disaggregation role, if any
+        self.prefill_pd = pd if isinstance(pd, PrefillSide) else None
         self.sampler = Sampler()
         self.outputs = OutputProcessor(eos_token_ids, runner.context_length)
         self.eos_token_ids = eos_token_ids
@@ -59,12 +63,16 @@ class Scheduler:
         self._arrivals = 0
         self.num_retractions = 0
         self.num_steps = 0
+        self.idle = True  # the last step ran no batch (the loop may sleep while transfers are pending)
 
     # ---- requests in and out -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
         self._arrivals += 1
         req.arrival = self._arrivals
         req.status = Status.WAITING
+        if isinstance(self.pd, DecodeSide):
+            self.pd.add(req)
+            return
         self.waiting.append(req)
 
     def abort(self, rid: str) -> Request | None:
@@ -73,17 +81,25 @@ class Scheduler:
             if req.rid == rid:
                 self._finish(req, FinishReason("abort", message="aborted by the client"))
                 return req
+        if self.pd is not None:
+            for req in self.pd.inflight:
+                if req.rid == rid and self.pd.abort(self, req):
+                    return req
         return None
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or (self.pd is not None and self.pd.inflight))
+
+    def can_admit(self) -> bool:
+        return len(self.running) < self.settings.max_running_requests and self.runner.req_to_token.num_free > 0
 
     def flush_cache(self) -> bool:
         """Drop every cached prefix; refused (False) while any request pins one."""
         return self.cache.flush() if self.cache is not None else True
 
     def check_integrity(self) -> None:
-        self.kv.check_integrity(self.running + list(self.waiting))
+        inflight = self.pd.inflight if self.pd is not None else []
+        self.kv.check_integrity(self.running + list(self.waiting) + inflight)
         for r in self.waiting:
             if r.pages:
                 raise AssertionError(f"waiting request {r.rid} holds pages")
@@ -91,12 +107,14 @@ class Scheduler:
     # ---- one step --------------------------------------------------------------------------
     def step(self) -> list[Request]:
         """Run one step; return requests with new output (finished ones included)."""
+        updated = self.pd.poll(self) if self.pd is not None else []
         batch = self.schedule()
+        self.idle = batch is None
         if batch is None:
-            return []
+            return updated
         out = self.runner.forward(self._model_input(batch))
         self.num_steps += 1
-        return self._update(batch, out.logits)
+        return updated + self._update(batch, out.logits)
 
     def schedule(self) -> ScheduledBatch | None:
         entries = self._schedule_extend()
@@ -131,7 +149,7 @@ class Scheduler:
                 continue  # compute the shared prefix once: this one reuses it next step
             cached = self.kv.attach_prefix(req)
             n = min(req.num_pending, budget)
-            if self.kv.pages_needed(req, req.num_computed + n) > self.kv.available_pages - self._reserved_pages():
+            if self.kv.pages_needed(req, req.num_computed + n) > self.kv.available_pages - self.reserved_pages():
                 self.kv.release(req, keep_in_cache=False)
                 break
             self.kv.grow(req, req.num_computed + n)
@@ -160,7 +178,7 @@ class Scheduler:
                 return True
         return False
 
-    def _reserved_pages(self) -> int:
+    def reserved_pages(self) -> int:
         """Pages kept back for running requests' future decode tokens (``new_token_ratio``)."""
         ratio = self.settings.new_token_ratio
         if ratio == 0:
@@ -184,15 +202,17 @@ class Scheduler:
                 self.kv.grow(req, upto)
                 return True
             except OutOfPagesError:
-                victims = [r for r in self.running if r is not req and r not in protect and r.arrival > req.arrival]
-                if not victims:
-                    victims = [r for r in self.running if r is not req and r not in protect]
+                movable = [r for r in self.running if r is not req and r not in protect and not self._pinned(r)]
+                victims = [r for r in movable if r.arrival > req.arrival] or movable
                 if not victims:
                     if self._in_prefill(req) and req.num_computed > 0:
                         return False  # wait for others to finish
                     self._finish(req, FinishReason("length", message="KV cache is full"))
                     return False
                 self._retract(max(victims, key=lambda r: r.arrival))
+
+    def _pinned(self, req: Request) -> bool:
+        return self.prefill_pd is not None and self.prefill_pd.pinned(req)
 
     def _retract(self, req: Request) -> None:
         logger.debug("retracting %s (%d tokens known)", req.rid, req.num_known)
@@ -252,7 +272,10 @@ class Scheduler:
                 self.outputs.record_prompt_logprobs(e, logits[row : row + n])
                 row += n
             e.req.num_computed = e.end
-            if batch.mode is ForwardMode.EXTEND:
+            if self.prefill_pd is not None and self.prefill_pd.owns(e.req):
+                if not e.samples:
+                    self.prefill_pd.after_chunk(e.req)  # write this chunk's pages to the decode side
+            elif batch.mode is ForwardMode.EXTEND:
                 self.kv.cache_computed(e.req)  # in-flight prefix: later arrivals reuse it
             if e.samples:
                 sample_rows.append(row)
@@ -272,10 +295,24 @@ class Scheduler:
             for i, req in enumerate(reqs):
                 top = res.top_logprobs[i] if res.top_logprobs is not None else None
                 reason = self.outputs.append_token(req, next_ids[i], lps[i], top)
-                if reason is not None:
+                if self.prefill_pd is not None and self.prefill_pd.owns(req):
+                    self.prefill_pd.on_prefilled(self, req, reason)
+                elif reason is not None:
                     self._finish(req, reason)
                 updated.append(req)
         return updated
+
+    def admit_prefilled(self, req: Request, first_token: int, logprob: float | None) -> None:
+        """Decode side: the prompt's KV arrived; append the prefill's first token and run."""
+        req.status = Status.RUNNING
+        self.running.append(req)
+        reason = self.outputs.append_token(req, first_token, logprob if logprob is not None else 0.0, None)
+        if reason is not None:
+            self._finish(req, reason)
+
+    def finish_external(self, req: Request, reason: FinishReason) -> None:
+        """Finish a request held outside the queues (disaggregation stages)."""
+        self._finish(req, reason)
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         if req.status is Status.FINISHED:
