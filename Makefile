@@ -30,7 +30,7 @@ protos: $(GEN_STAMP)
 install: $(STAMP) $(GEN_STAMP)
 
 up: install
-	$(BIN)/python -m sglang.demo
+	$(BIN)/sglang up
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -307,7 +307,7 @@ class Hardware:
 
     def line(self) -> str:
         return (
-            f"{self.cpu}, {self.cores} cores, torch {self.torch} ({self.threads} threads), "
+            f"{self.cpu}, {self.cores} cores, torch {self.torch} ({self.threads} thread{'s' if self.threads != 1 else ''}), "
             f"transformers {self.transformers}, Python {self.python}"
         )
 

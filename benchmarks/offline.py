@@ -283,7 +283,9 @@ def main(argv: list[str] | None = None) -> None:
          "others' load (cores)"],
         rows,
     )
-    lines = [table, "", f"ratio ours/HF throughput: {ours_tps / hf_tps:.2f}x" if hf_tps == hf_tps else ""]
+    lines = [table, ""]
+    if hf_tps == hf_tps:  # not NaN
+        lines.append(f"ratio ours/HF throughput: {ours_tps / hf_tps:.2f}x")
     lines.append(f"ours: {steps} engine steps, {retractions} retractions; useful work {useful_flops / 1e12:.3f} TFLOP")
     if args.stream:
         lines.append(
@@ -292,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
             f"p90 {pct(itl, 90) * 1e3:.1f} ms, p99 {pct(itl, 99) * 1e3:.1f} ms, "
             f"mean {statistics.fmean(itl) * 1e3 if itl else float('nan'):.1f} ms"
         )
-    report = "\n".join(x for x in lines if x)
+    report = "\n\n".join(x for x in lines if x)
     print("\n" + report, flush=True)
     if args.out:
         body = "\n".join(f"- {h}" for h in header) + "\n\n" + report

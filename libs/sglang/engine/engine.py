@@ -29,8 +29,8 @@ from sglang.engine.models.default_model import default_model_path
 from sglang.engine.prefix_cache import InProcessPublisher, RadixCache
 from sglang.engine.runner.model_runner import ModelRunner
 from sglang.engine.sampling.params import SamplingParams
-from sglang.engine.scheduler.request import Request
 from sglang.engine.scheduler.disagg import DecodeSide, PrefillSide
+from sglang.engine.scheduler.request import Request
 from sglang.engine.scheduler.scheduler import Scheduler
 from sglang.engine.tokenizer.detokenizer import IncrementalDetokenizer
 from sglang.engine.tokenizer.stop import StopChecker
