@@ -148,6 +148,9 @@ class Engine:
             validate_ids(ids, vocab, ctx, self.runner.max_total_tokens)
             params = SamplingParams.from_dict(pdict).normalize()
             params.verify(vocab)
+            for name in ("regex", "json_schema", "ebnf"):
+                if getattr(params, name) is not None:
+                    raise ValueError(f"{name}: structured output is not supported by this engine yet; remove {name}")
             params.max_new_tokens = min(params.max_new_tokens, ctx - len(ids))
             for i in range(params.n):
                 reqs.append(self._request(ids, params, i, return_logprob, logprob_start_len, top_logprobs_num, stream))

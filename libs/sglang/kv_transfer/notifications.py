@@ -1,0 +1,77 @@
+"""NIXL notification messages (wire format ``HANDSHAKE_VERSION``): compact JSON objects.
+
+prefill -> decode
+  ``{"v":1,"t":"claim","room":R}``                       a prefill agent paired with room R
+  ``{"v":1,"t":"chunk","room":R,"chunk":C,"last":false}``  chunk C's pages have landed
+  ``{"v":1,"t":"chunk","room":R,"chunk":C,"last":true,"n":N,"aux":{...}}``  the last one; N chunks in all
+  ``{"v":1,"t":"abort","room":R,"error":"..."}``          the prefill side gave the room up
+decode -> prefill
+  ``{"v":1,"t":"abort","room":R,"error":"..."}``          the decode side gave the room up
+
+A chunk notification rides on its WRITE, which NIXL delivers after the write's data; empty chunks
+(no pages) go as standalone notifications. Receivers ignore other versions and unknown types.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sglang.kv_transfer.base import HANDSHAKE_VERSION
+
+logger = logging.getLogger(__name__)
+
+CLAIM = "claim"
+CHUNK = "chunk"
+ABORT = "abort"
+
+
+@dataclass
+class Notification:
+    kind: str
+    room: int
+    chunk: int = -1
+    last: bool = False
+    num_chunks: int = 0
+    aux: dict[str, Any] | None = None
+    error: str = ""
+
+    def encode(self) -> bytes:
+        d: dict[str, Any] = {"v": HANDSHAKE_VERSION, "t": self.kind, "room": self.room}
+        if self.kind == CHUNK:
+            d["chunk"] = self.chunk
+            d["last"] = self.last
+            if self.last:
+                d["n"] = self.num_chunks
+                d["aux"] = self.aux
+        elif self.kind == ABORT:
+            d["error"] = self.error
+        return json.dumps(d, separators=(",", ":")).encode()
+
+
+def decode(raw: bytes, sender: str) -> Notification | None:
+    """Parse one message; ``None`` (logged) for anything not ours or malformed."""
+    try:
+        d = json.loads(raw)
+        if not isinstance(d, dict) or d.get("v") != HANDSHAKE_VERSION:
+            logger.warning("kv_transfer: ignoring notification of another version from %s: %.200r", sender, raw)
+            return None
+        kind = d["t"]
+        room = int(d["room"])
+        if kind == CHUNK:
+            last = bool(d["last"])
+            aux = d.get("aux") if last else None
+            return Notification(
+                CHUNK, room, int(d["chunk"]), last, int(d["n"]) if last else 0, aux if isinstance(aux, dict) else None
+            )
+        if kind == CLAIM:
+            return Notification(CLAIM, room)
+        if kind == ABORT:
+            return Notification(ABORT, room, error=str(d.get("error", "")))
+    except (ValueError, KeyError, TypeError) as e:
+        logger.warning("kv_transfer: malformed notification from %s (%s): %.200r", sender, e, raw)
+        return None
+    logger.warning("kv_transfer: unknown notification type from %s: %.200r", sender, raw)
+    return None

@@ -1,0 +1,317 @@
+"""NIXL KV connector, for real: two processes (this one decodes, tests/helpers/kv_transfer_peer.py
+prefills), DRAM to DRAM over UCX on 127.0.0.1 (``UCX_NET_DEVICES=lo``), a real Redis."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import torch
+
+pytest.importorskip("nixl._api")
+
+from sglang.engine.memory import KVPool  # noqa: E402
+from sglang.kv_transfer import IncompatibleKVLayout, KVLayout, RoomResult, create_receiver, create_sender  # noqa: E402
+from sglang.kv_transfer.base import KVReceiver  # noqa: E402
+
+from tests.helpers.redis_server import start_redis  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+REPO = Path(__file__).resolve().parents[2]
+PEER = REPO / "tests" / "helpers" / "kv_transfer_peer.py"
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    os.environ["UCX_NET_DEVICES"] = "lo"  # before any agent loads UCX, here and in the peers
+    url, stop = start_redis()
+    try:
+        yield url
+    finally:
+        stop()
+
+
+class Peer:
+    """The peer process; its stdout lines (JSON events) are read by a thread into a queue."""
+
+    def __init__(self, cfg: dict[str, Any], tmp: Path) -> None:
+        self.stderr_path = tmp / f"peer-{cfg['agent_name']}.err"
+        self._err = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()
+        env = {**os.environ, "UCX_NET_DEVICES": "lo", "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, str(PEER), json.dumps(cfg)], stdout=subprocess.PIPE, stderr=self._err,
+            stdin=subprocess.DEVNULL, env=env, cwd=REPO,
+        )
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with contextlib.suppress(ValueError):  # not one of the peer's event lines
+                self.events.put(json.loads(line))
+
+    def wait(self, event: str, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                got = self.events.get(timeout=0.1)
+            except queue.Empty:
+                if self.proc.poll() is not None and self.events.empty():
+                    break
+                continue
+            if got["event"] == event:
+                return got
+            raise AssertionError(f"peer reported {got} while waiting for {event}")
+        raise AssertionError(f"no {event!r} from the peer in {timeout}s; stderr:\n{self.stderr()}")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")[-3000:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._err.close()
+
+
+@pytest.fixture
+def peers(tmp_path: Path) -> Iterator[list[Peer]]:
+    started: list[Peer] = []
+    yield started
+    for p in started:
+        p.stop()
+
+
+def layout_dict(dtype: str, page_size: int, layers: int = 4, heads: int = 4, dim: int = 32) -> dict[str, Any]:
+    return {"model": "tiny-llama", "num_layers": layers, "page_size": page_size, "num_kv_heads": heads,
+            "head_dim": dim, "dtype": dtype}
+
+
+def decode_pool(lay: dict[str, Any], num_pages: int) -> tuple[KVPool, KVLayout]:
+    pool = KVPool(num_pages, lay["page_size"], lay["num_layers"], lay["num_kv_heads"], lay["head_dim"],
+                  getattr(torch, lay["dtype"]), "cpu")
+    return pool, KVLayout(**lay)
+
+
+def poll_until(rx: KVReceiver, room: int, timeout: float) -> tuple[RoomResult, float]:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        for res in rx.poll():
+            if res.room == room:
+                return res, time.monotonic() - t0
+        time.sleep(0.002)
+    raise AssertionError(f"room {room} not reported in {timeout}s")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes as integers: equality of these is byte equality."""
+    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def new_room() -> int:
+    return uuid.uuid4().int >> 65  # 63-bit, like SGLang's bootstrap_room
+
+
+@pytest.mark.parametrize(
+    ("dtype", "page_size", "heads", "dim", "src_pages", "dst_pages"),
+    [
+        ("float32", 1, 4, 32, [3, 4, 5, 9, 10, 1, 2, 20, 21, 22], [40, 7, 8, 9, 33, 1, 2, 50, 3, 60]),
+        ("bfloat16", 16, 8, 64, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [30, 31, 32, 33, 2, 5, 6, 7, 40, 41, 42, 3]),
+    ],
+)
+def test_pages_arrive_exactly(
+    redis_url: str, peers: list[Peer], tmp_path: Path, dtype: str, page_size: int, heads: int, dim: int,
+    src_pages: list[int], dst_pages: list[int],
+) -> None:
+    lay = layout_dict(dtype, page_size, heads=heads, dim=dim)
+    pool, layout = decode_pool(lay, num_pages=64)
+    rx = create_receiver("nixl", kv_pool=pool, layout=layout, agent_name=f"dec-{uuid.uuid4().hex[:6]}",
+                         redis_url=redis_url, timeout_s=30.0)
+    try:
+        room = new_room()
+        thirds = [(0, 3), (3, 7), (7, len(src_pages))]  # 3 chunks of different sizes
+        chunks = [[src_pages[a:b], dst_pages[a:b]] for a, b in thirds]
+        aux = {"first_token": 1234, "logprob": -0.25, "cached_tokens": 7}
+        cfg = {"role": "sender", "agent_name": f"pre-{uuid.uuid4().hex[:6]}", "redis_url": redis_url,
+               "layout": lay, "num_pages": 24, "seed": 7, "room": room, "chunks": chunks, "aux": aux,
+               "expected": str(tmp_path / "expected.pt"), "deadline_s": 60}
+        peer = Peer(cfg, tmp_path)
+        peers.append(peer)
+        peer.wait("ready")
+        rx.publish(room, dst_pages)
+        res, _ = poll_until(rx, room, timeout=30)
+        assert res == RoomResult(room, True, aux, None)
+        done = peer.wait("done")
+        assert done["ok"] is True and done["error"] is None
+        assert done["transport"].get("put intra-node host->host"), done["transport"]
+        nbytes = done["stats"][0]["bytes"]
+        assert nbytes == len(src_pages) * 2 * lay["num_layers"] * page_size * heads * dim * pool.k_buffers[0].element_size()
+        print(f"\n{dtype} page_size={page_size}: {nbytes / 1e6:.2f} MB in {done['seconds'] * 1e3:.1f} ms "
+              f"= {nbytes / 1e6 / done['seconds']:.0f} MB/s (first transfer, connection setup included); "
+              f"transports {done['transport']}")
+
+        expected = torch.load(tmp_path / "expected.pt")
+        dst_rows = torch.tensor([p * page_size + i for p in dst_pages for i in range(page_size)])
+        untouched = torch.ones(pool.k_buffers[0].shape[0], dtype=torch.bool)
+        untouched[dst_rows] = False
+        for layer in range(lay["num_layers"]):
+            for name, bufs in (("k", pool.k_buffers), ("v", pool.v_buffers)):
+                got = bufs[layer][dst_rows]
+                assert torch.equal(bits(got), bits(expected[name][layer])), f"layer {layer} {name} differs"
+                assert bufs[layer][dst_rows].abs().sum() > 0
+                assert bufs[layer][untouched].abs().sum().item() == 0, f"layer {layer} {name}: stray writes"
+        assert redis.Redis.from_url(redis_url).get(f"sglang:nixl:room:{room}") is None
+    finally:
+        rx.close()
+
+
+def test_room_nobody_sends_times_out(redis_url: str) -> None:
+    pool, layout = decode_pool(layout_dict("float32", 1), num_pages=8)
+    rx = create_receiver("nixl", kv_pool=pool, layout=layout, agent_name=f"dec-{uuid.uuid4().hex[:6]}",
+                         redis_url=redis_url, timeout_s=1.0)
+    try:
+        room = new_room()
+        rx.publish(room, [1, 2, 3])
+        res, elapsed = poll_until(rx, room, timeout=10)
+        assert res == RoomResult(room, False, None, "timed out after 1s waiting for KV")
+        assert 1.0 <= elapsed < 5.0
+        assert redis.Redis.from_url(redis_url).get(f"sglang:nixl:room:{room}") is None
+        assert rx.poll() == []  # reported once
+    finally:
+        rx.close()
+
+
+@pytest.mark.parametrize(("peer_ttl_s", "rx_timeout_s", "error"), [
+    (60.0, 2.0, "timed out after 2s waiting for KV"),  # heartbeat key outlives the wait: the timeout fires
+    (1.5, 60.0, "is gone (its heartbeat in Redis lapsed)"),  # short heartbeat TTL: the death is noticed first
+])
+def test_sender_killed_before_last_chunk(
+    redis_url: str, peers: list[Peer], tmp_path: Path, peer_ttl_s: float, rx_timeout_s: float, error: str
+) -> None:
+    lay = layout_dict("float32", 16)
+    pool, layout = decode_pool(lay, num_pages=16)
+    rx = create_receiver("nixl", kv_pool=pool, layout=layout, agent_name=f"dec-{uuid.uuid4().hex[:6]}",
+                         redis_url=redis_url, timeout_s=rx_timeout_s)
+    try:
+        room = new_room()
+        cfg = {"role": "sender", "agent_name": f"pre-{uuid.uuid4().hex[:6]}", "redis_url": redis_url,
+               "layout": lay, "num_pages": 8, "room": room, "chunks": [[[1], [4]], [[2], [5]], [[3], [6]]],
+               "aux": {"first_token": 1}, "expected": str(tmp_path / "expected.pt"), "deadline_s": 60,
+               "die_before_last": True, "settle_s": 0.5, "options": {"heartbeat_s": 0.5, "peer_ttl_s": peer_ttl_s}}
+        peer = Peer(cfg, tmp_path)
+        peers.append(peer)
+        peer.wait("ready")
+        rx.publish(room, [4, 5, 6])
+        peer.wait("before_last")
+        t_kill = time.monotonic()
+        peer.kill()
+        res, _ = poll_until(rx, room, timeout=30)
+        waited = time.monotonic() - t_kill
+        assert not res.ok and res.aux is None and res.error is not None and error in res.error, res
+        assert waited < 10.0
+        assert redis.Redis.from_url(redis_url).get(f"sglang:nixl:room:{room}") is None
+    finally:
+        rx.close()
+
+
+def test_layout_mismatch_is_refused_naming_the_field(redis_url: str, peers: list[Peer], tmp_path: Path) -> None:
+    pool, layout = decode_pool(layout_dict("float32", 1), num_pages=16)
+    rx = create_receiver("nixl", kv_pool=pool, layout=layout, agent_name=f"dec-{uuid.uuid4().hex[:6]}",
+                         redis_url=redis_url, timeout_s=30.0)
+    try:
+        room = new_room()
+        cfg = {"role": "sender", "agent_name": f"pre-{uuid.uuid4().hex[:6]}", "redis_url": redis_url,
+               "layout": layout_dict("float32", 16), "num_pages": 4, "room": room, "chunks": [[[1], [2]]],
+               "aux": {}, "expected": str(tmp_path / "expected.pt"), "deadline_s": 30}
+        peer = Peer(cfg, tmp_path)
+        peers.append(peer)
+        peer.wait("ready")
+        rx.publish(room, [2])
+        got = peer.wait("incompatible")
+        assert got["fields"] == ["page_size"]
+        assert "page_size: prefill 16 != decode 1" in got["message"], got["message"]
+        res, elapsed = poll_until(rx, room, timeout=10)  # the decode side is told, no 30 s wait
+        assert not res.ok and res.error is not None and "page_size: prefill 16 != decode 1" in res.error
+        assert elapsed < 10.0
+    finally:
+        rx.close()
+
+
+def test_layout_mismatch_in_process(redis_url: str) -> None:
+    dec_pool, dec_layout = decode_pool(layout_dict("float32", 1, heads=4), num_pages=8)
+    pre_pool, pre_layout = decode_pool(layout_dict("bfloat16", 1, heads=2), num_pages=8)
+    rx = create_receiver("nixl", kv_pool=dec_pool, layout=dec_layout, agent_name=f"dec-{uuid.uuid4().hex[:6]}",
+                         redis_url=redis_url)
+    tx = create_sender("nixl", kv_pool=pre_pool, layout=pre_layout, agent_name=f"pre-{uuid.uuid4().hex[:6]}",
+                       redis_url=redis_url)
+    try:
+        room = new_room()
+        assert tx.dest(room) is None  # not published yet
+        rx.publish(room, [1])
+        with pytest.raises(IncompatibleKVLayout) as info:
+            tx.dest(room)
+        assert info.value.fields == ["num_kv_heads", "dtype"]
+        assert "num_kv_heads: prefill 2 != decode 4" in str(info.value)
+        assert "dtype: prefill 'bfloat16' != decode 'float32'" in str(info.value)
+    finally:
+        tx.close()
+        rx.close()
+
+
+def test_decode_killed_mid_transfer_fails_the_room_on_the_prefill_side(
+    redis_url: str, peers: list[Peer], tmp_path: Path
+) -> None:
+    lay = layout_dict("float32", 4)
+    pool, layout = decode_pool(lay, num_pages=8)
+    for b in pool.k_buffers + pool.v_buffers:
+        b.normal_()
+    tx = create_sender("nixl", kv_pool=pool, layout=layout, agent_name=f"pre-{uuid.uuid4().hex[:6]}",
+                       redis_url=redis_url, timeout_s=30.0)
+    try:
+        room = new_room()
+        cfg = {"role": "receiver", "agent_name": f"dec-{uuid.uuid4().hex[:6]}", "redis_url": redis_url,
+               "layout": lay, "num_pages": 8, "room": room, "dst_pages": [3, 4, 5], "deadline_s": 60,
+               "options": {"heartbeat_s": 0.5, "peer_ttl_s": 1.5}}
+        peer = Peer(cfg, tmp_path)
+        peers.append(peer)
+        peer.wait("published")
+        assert tx.dest(room) is not None
+        tx.send(room, [1], [3], 0, last=False)
+        peer.kill()
+        t_kill = time.monotonic()
+        tx.send(room, [2, 3], [4, 5], 1, last=True, aux={"first_token": 1})
+        result = None
+        while time.monotonic() - t_kill < 20 and result is None:
+            for r, ok, err in tx.poll():
+                if r == room:
+                    result = (ok, err)
+            time.sleep(0.005)
+        assert result is not None, "room never reported"
+        ok, err = result
+        assert ok is False and err and cfg["agent_name"] in err, result
+        assert tx.poll() == []  # reported once
+    finally:
+        tx.close()
