@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install protos up test test-fast lint bench clean
+.PHONY: install protos up test test-fast lint clean
 
 # Generated protobuf/gRPC code lands in libs/sglang/v1/ (git-ignored, never hand-edited).
 PROTOS := $(wildcard protos/sglang/v1/*.proto)

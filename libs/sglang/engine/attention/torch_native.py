@@ -82,8 +82,8 @@ class TorchNativeBackend(AttentionBackend):
             s = meta.token_starts[i]
             slots = meta.kv_slots[i]
             qi = q[s : s + ext].transpose(0, 1)  # [H, ext, D]
-            ki = k_buf[slots].transpose(0, 1).to(q.dtype)  # [KVH, seq, D]
-            vi = v_buf[slots].transpose(0, 1).to(q.dtype)
+            ki = k_buf.index_select(0, slots).transpose(0, 1).to(q.dtype)  # [KVH, seq, D]
+            vi = v_buf.index_select(0, slots).transpose(0, 1).to(q.dtype)
             mask = self._mask(meta, i, layer.sliding_window, batch)
             oi = F.scaled_dot_product_attention(
                 qi.unsqueeze(0), ki.unsqueeze(0), vi.unsqueeze(0),
@@ -99,8 +99,10 @@ class TorchNativeBackend(AttentionBackend):
         """All decode requests in one SDPA call over their KV padded to the longest context."""
         assert meta.padded_slots is not None and meta.key_pos is not None and meta.seq_lens is not None
         slots = meta.padded_slots
-        ki = k_buf[slots].transpose(1, 2).to(q.dtype)  # [B, KVH, L, D]
-        vi = v_buf[slots].transpose(1, 2).to(q.dtype)
+        b, n = slots.shape
+        flat = slots.reshape(-1)  # index_select on a flat index is several times faster than k_buf[2-D]
+        ki = k_buf.index_select(0, flat).view(b, n, *k_buf.shape[1:]).transpose(1, 2).to(q.dtype)  # [B, KVH, L, D]
+        vi = v_buf.index_select(0, flat).view(b, n, *v_buf.shape[1:]).transpose(1, 2).to(q.dtype)
         valid = meta.key_pos < meta.seq_lens  # [B, L]
         if layer.sliding_window is not None:
             valid = valid & (meta.key_pos >= meta.seq_lens - layer.sliding_window)
