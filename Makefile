@@ -39,8 +39,8 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "unit"
 
 lint: install
-	$(BIN)/ruff check libs tests benchmarks
-	$(BIN)/mypy libs/sglang
+	$(BIN)/ruff check libs services tests benchmarks
+	$(BIN)/mypy libs/sglang services/router services/worker
 	$(BIN)/lint-imports
 
 clean:
