@@ -5,7 +5,8 @@ stdout, one JSON object per line (``{"event": ...}``). Roles:
 
 - ``sender`` (prefill): fills its KV pool with seeded random data, saves the source pages' rows
   (``expected`` path, ``torch.save``), waits for the room's destination, then sends ``chunks``
-  (a list of ``[src_pages, dst_pages]``), the last one with ``aux``. ``die_before_last``: report
+  (a list of ``[src_pages, dst_pages]``), the last one with ``aux``; with ``warmup_room``, the
+  same pages go to that room first, in one chunk. ``die_before_last``: report
   ``before_last`` and sleep (the test kills it). An ``IncompatibleKVLayout`` is reported as
   ``incompatible`` with its message and fields.
 - ``receiver`` (decode): publishes ``dst_pages`` for the room, reports ``published`` and sleeps.
@@ -37,7 +38,7 @@ def make_pool(cfg: dict[str, Any]) -> tuple[KVPool, KVLayout]:
     lay = cfg["layout"]
     pool = KVPool(
         cfg["num_pages"], lay["page_size"], lay["num_layers"], lay["num_kv_heads"], lay["head_dim"],
-        getattr(torch, lay["dtype"]), "cpu",
+        getattr(torch, lay["dtype"]), cfg.get("device", "cpu"),
     )
     return pool, KVLayout(**lay)
 
@@ -45,8 +46,8 @@ def make_pool(cfg: dict[str, Any]) -> tuple[KVPool, KVLayout]:
 def run_sender(cfg: dict[str, Any]) -> None:
     pool, layout = make_pool(cfg)
     gen = torch.Generator().manual_seed(cfg.get("seed", 0))
-    for buf in pool.k_buffers + pool.v_buffers:
-        buf.copy_(torch.randn(buf.shape, generator=gen).to(buf.dtype))
+    for buf in pool.k_buffers + pool.v_buffers:  # on GPU: queued on the stream, send() must wait for it
+        buf.copy_(torch.randn(buf.shape, generator=gen).to(buf.dtype), non_blocking=True)
     ps = layout.page_size
     src_all = [p for src, _ in cfg["chunks"] for p in src]
     rows = torch.tensor([p * ps + i for p in src_all for i in range(ps)], dtype=torch.long)
@@ -58,6 +59,15 @@ def run_sender(cfg: dict[str, Any]) -> None:
     )
     emit("ready")
     room, deadline = cfg["room"], time.monotonic() + cfg["deadline_s"]
+    warm = cfg.get("warmup_room")
+    if warm is not None:  # connection setup and first-use costs, so that the timing below is warm
+        while sender.dest(warm) is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        src = [p for s, _ in cfg["chunks"] for p in s]
+        sender.send(warm, src, [p for _, d in cfg["chunks"] for p in d], 0, True, {})
+        while time.monotonic() < deadline and not any(r == warm for r, _, _ in sender.poll()):
+            time.sleep(0.001)
+        sender.pop_stats()
     try:
         while sender.dest(room) is None:
             if time.monotonic() > deadline:
@@ -87,8 +97,9 @@ def run_sender(cfg: dict[str, Any]) -> None:
             if r == room:
                 secs = time.perf_counter() - t0
                 stats = [s.__dict__ for s in sender.pop_stats()]
-                emit("done", ok=ok, error=err, seconds=secs, stats=stats,
-                     transport=sender.transport_info().selected)
+                info = sender.transport_info()
+                emit("done", ok=ok, error=err, seconds=secs, stats=stats, transport=info.selected,
+                     tcp_fallback=info.tcp_fallback)
                 sender.close()
                 return
         time.sleep(0.001)

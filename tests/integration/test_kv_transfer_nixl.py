@@ -37,7 +37,7 @@ PEER = REPO / "tests" / "helpers" / "kv_transfer_peer.py"
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    os.environ["UCX_NET_DEVICES"] = "lo"  # before any agent loads UCX, here and in the peers
+    os.environ.setdefault("UCX_NET_DEVICES", "lo")  # before any agent loads UCX, here and in the peers
     url, stop = start_redis()
     try:
         yield url
@@ -51,7 +51,7 @@ class Peer:
     def __init__(self, cfg: dict[str, Any], tmp: Path) -> None:
         self.stderr_path = tmp / f"peer-{cfg['agent_name']}.err"
         self._err = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "UCX_NET_DEVICES": "lo", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, str(PEER), json.dumps(cfg)], stdout=subprocess.PIPE, stderr=self._err,
             stdin=subprocess.DEVNULL, env=env, cwd=REPO,
@@ -110,9 +110,9 @@ def layout_dict(dtype: str, page_size: int, layers: int = 4, heads: int = 4, dim
             "head_dim": dim, "dtype": dtype}
 
 
-def decode_pool(lay: dict[str, Any], num_pages: int) -> tuple[KVPool, KVLayout]:
+def decode_pool(lay: dict[str, Any], num_pages: int, device: str = "cpu") -> tuple[KVPool, KVLayout]:
     pool = KVPool(num_pages, lay["page_size"], lay["num_layers"], lay["num_kv_heads"], lay["head_dim"],
-                  getattr(torch, lay["dtype"]), "cpu")
+                  getattr(torch, lay["dtype"]), device)
     return pool, KVLayout(**lay)
 
 
@@ -132,22 +132,45 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def new_room() -> int:
-    return uuid.uuid4().int >> 65  # 63-bit, like SGLang's bootstrap_room
+    return uuid.uuid4().int >> 66  # 62-bit (room + 1 stays 63-bit), like SGLang's bootstrap_room
 
 
-@pytest.mark.parametrize(
-    ("dtype", "page_size", "heads", "dim", "src_pages", "dst_pages"),
-    [
-        ("float32", 1, 4, 32, [3, 4, 5, 9, 10, 1, 2, 20, 21, 22], [40, 7, 8, 9, 33, 1, 2, 50, 3, 60]),
-        ("bfloat16", 16, 8, 64, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [30, 31, 32, 33, 2, 5, 6, 7, 40, 41, 42, 3]),
-    ],
-)
+CASES = [
+    ("float32", 1, 4, 32, [3, 4, 5, 9, 10, 1, 2, 20, 21, 22], [40, 7, 8, 9, 33, 1, 2, 50, 3, 60]),
+    ("bfloat16", 16, 8, 64, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [30, 31, 32, 33, 2, 5, 6, 7, 40, 41, 42, 3]),
+]
+
+
+@pytest.mark.parametrize(("dtype", "page_size", "heads", "dim", "src_pages", "dst_pages"), CASES)
 def test_pages_arrive_exactly(
     redis_url: str, peers: list[Peer], tmp_path: Path, dtype: str, page_size: int, heads: int, dim: int,
     src_pages: list[int], dst_pages: list[int],
 ) -> None:
+    transfer_and_check(redis_url, peers, tmp_path, dtype, page_size, heads, dim, src_pages, dst_pages, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("dtype", "page_size", "heads", "dim", "src_pages", "dst_pages"),
+    [*CASES, ("bfloat16", 16, 8, 128, list(range(1, 257)), list(range(300, 556)))],  # + 64 MiB, for a GB/s print
+)
+def test_pages_arrive_exactly_gpu_to_gpu(
+    redis_url: str, peers: list[Peer], tmp_path: Path, dtype: str, page_size: int, heads: int, dim: int,
+    src_pages: list[int], dst_pages: list[int],
+) -> None:
+    """VRAM to VRAM between two processes on GPU 0: UCX must use cuda_ipc (or RDMA), never TCP."""
+    done = transfer_and_check(redis_url, peers, tmp_path, dtype, page_size, heads, dim, src_pages, dst_pages, "cuda")
+    assert done["tcp_fallback"] is False, done["transport"]
+    assert not any("tcp" in t for t in done["transport"]["put intra-node cuda->cuda"]), done["transport"]
+
+
+def transfer_and_check(
+    redis_url: str, peers: list[Peer], tmp_path: Path, dtype: str, page_size: int, heads: int, dim: int,
+    src_pages: list[int], dst_pages: list[int], device: str,
+) -> dict[str, Any]:
+    """Send ``src_pages`` from a peer process in 3 chunks; check every byte; return its "done" event."""
     lay = layout_dict(dtype, page_size, heads=heads, dim=dim)
-    pool, layout = decode_pool(lay, num_pages=64)
+    pool, layout = decode_pool(lay, num_pages=max(64, max(dst_pages)), device=device)
     rx = create_receiver("nixl", kv_pool=pool, layout=layout, agent_name=f"dec-{uuid.uuid4().hex[:6]}",
                          redis_url=redis_url, timeout_s=30.0)
     try:
@@ -156,34 +179,40 @@ def test_pages_arrive_exactly(
         chunks = [[src_pages[a:b], dst_pages[a:b]] for a, b in thirds]
         aux = {"first_token": 1234, "logprob": -0.25, "cached_tokens": 7}
         cfg = {"role": "sender", "agent_name": f"pre-{uuid.uuid4().hex[:6]}", "redis_url": redis_url,
-               "layout": lay, "num_pages": 24, "seed": 7, "room": room, "chunks": chunks, "aux": aux,
-               "expected": str(tmp_path / "expected.pt"), "deadline_s": 60}
+               "layout": lay, "num_pages": max(24, max(src_pages)), "seed": 7, "room": room, "chunks": chunks, "aux": aux,
+               "expected": str(tmp_path / "expected.pt"), "deadline_s": 60, "warmup_room": room + 1,
+               "device": device}
         peer = Peer(cfg, tmp_path)
         peers.append(peer)
-        peer.wait("ready")
+        peer.wait("ready", timeout=60)
+        rx.publish(room + 1, dst_pages)  # the warm-up room: the same pages, same bytes, one chunk
+        assert poll_until(rx, room + 1, timeout=30)[0] == RoomResult(room + 1, True, {}, None)
         rx.publish(room, dst_pages)
         res, _ = poll_until(rx, room, timeout=30)
         assert res == RoomResult(room, True, aux, None)
         done = peer.wait("done")
         assert done["ok"] is True and done["error"] is None
-        assert done["transport"].get("put intra-node host->host"), done["transport"]
         nbytes = done["stats"][0]["bytes"]
         assert nbytes == len(src_pages) * 2 * lay["num_layers"] * page_size * heads * dim * pool.k_buffers[0].element_size()
-        print(f"\n{dtype} page_size={page_size}: {nbytes / 1e6:.2f} MB in {done['seconds'] * 1e3:.1f} ms "
-              f"= {nbytes / 1e6 / done['seconds']:.0f} MB/s (first transfer, connection setup included); "
+        print(f"\n{device} {dtype} page_size={page_size}: {nbytes / 1e6:.2f} MB in {done['seconds'] * 1e3:.2f} ms "
+              f"= {nbytes / 1e6 / done['seconds']:.0f} MB/s (3 chunks, warm connection, polling included); "
               f"transports {done['transport']}")
 
-        expected = torch.load(tmp_path / "expected.pt")
+        expected = torch.load(tmp_path / "expected.pt", map_location="cpu")
         dst_rows = torch.tensor([p * page_size + i for p in dst_pages for i in range(page_size)])
         untouched = torch.ones(pool.k_buffers[0].shape[0], dtype=torch.bool)
         untouched[dst_rows] = False
         for layer in range(lay["num_layers"]):
             for name, bufs in (("k", pool.k_buffers), ("v", pool.v_buffers)):
-                got = bufs[layer][dst_rows]
-                assert torch.equal(bits(got), bits(expected[name][layer])), f"layer {layer} {name} differs"
-                assert bufs[layer][dst_rows].abs().sum() > 0
-                assert bufs[layer][untouched].abs().sum().item() == 0, f"layer {layer} {name}: stray writes"
+                buf = bufs[layer].cpu()
+                assert torch.equal(bits(buf[dst_rows]), bits(expected[name][layer])), f"layer {layer} {name} differs"
+                assert buf[dst_rows].abs().sum() > 0
+                assert buf[untouched].abs().sum().item() == 0, f"layer {layer} {name}: stray writes"
         assert redis.Redis.from_url(redis_url).get(f"sglang:nixl:room:{room}") is None
+        mem = "host->host" if device == "cpu" else "cuda->cuda"
+        assert done["transport"].get(f"put intra-node {mem}"), done["transport"]
+        assert rx.transport_info().mem_type == ("DRAM" if device == "cpu" else "VRAM")
+        return done
     finally:
         rx.close()
 
@@ -315,3 +344,39 @@ def test_decode_killed_mid_transfer_fails_the_room_on_the_prefill_side(
         assert tx.poll() == []  # reported once
     finally:
         tx.close()
+
+
+SHM_ONLY = """
+import time, torch
+from sglang.engine.memory import KVPool
+from sglang.kv_transfer import KVLayout, create_receiver, create_sender
+ps, pd = (KVPool(8, 4, 2, 2, 8, torch.float32, "cpu") for _ in range(2))
+ps.k_buffers[1].normal_()
+lay = KVLayout.from_pool(ps, "m")
+rx = create_receiver(kv_pool=pd, layout=lay, agent_name="shm-d", redis_url=URL, timeout_s=10)
+tx = create_sender(kv_pool=ps, layout=lay, agent_name="shm-p", redis_url=URL, timeout_s=10)
+rx.publish(1, [3])
+assert tx.dest(1) is not None
+tx.send(1, [2], [3], 0, True, {"first_token": 9})
+t0, got = time.monotonic(), []
+while time.monotonic() - t0 < 10 and not got:
+    got = rx.poll()
+    tx.poll()
+    time.sleep(0.001)
+assert [(r.ok, r.aux) for r in got] == [(True, {"first_token": 9})], got
+assert torch.equal(ps.k_buffers[1][8:12], pd.k_buffers[1][12:16])
+print("mode", tx.transport_info().params["ucx_error_handling_mode"], rx.transport_info().params["ucx_error_handling_mode"])
+tx.close(); rx.close()
+"""
+
+
+def test_shared_memory_only_ucx_runs_without_peer_error_handling(redis_url: str) -> None:
+    """``UCX_TLS=shm,self`` (fastest on one host) needs ``ucx_error_handling_mode=none``: the
+    connector picks it by itself (a fresh process: UCX reads its environment once)."""
+    env = {**os.environ, "UCX_TLS": "shm,self"}
+    env.pop("UCX_LOG_FILE", None)
+    code = f"URL = {redis_url!r}\n" + SHM_ONLY
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90, env=env, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "mode none none"
+    assert "encountered error" not in out.stderr, out.stderr[-3000:]  # NIXL's log of a failed first attempt

@@ -112,6 +112,7 @@ def test_notifications_of_other_versions_and_garbage_are_ignored(caplog: pytest.
     assert len(caplog.records) == 4
 
 
+# Shapes as UCX 1.2x prints them on an H200 (two processes, one GPU, UCX_PROTO_INFO=y).
 UCX_LOG = """\
 [1.1] [vm:1:0]   +--------+-------------+-------------+
 [1.1] [vm:1:0]   | pre self cfg#0                      |
@@ -120,10 +121,9 @@ UCX_LOG = """\
 [1.1] [vm:1:0]   | Range  | Description |   Config    |
 [1.1] [vm:1:0]   | 0..inf | zero-copy   | cma/memory  |
 [1.2] [vm:1:0]   | pre intra-node cfg#1                |
-[1.2] [vm:1:0]   | remote memory write by ucp_put* from cuda memory to cuda |
+[1.2] [vm:1:0]   | remote memory write by ucp_put* from host memory to cuda/dev[1] |
 [1.2] [vm:1:0]   | Range  | Description |   Config    |
-[1.2] [vm:1:0]   | 0..8k  | zero-copy   | tcp/lo      |
-[1.2] [vm:1:0]   | 8k..inf| zero-copy   | cuda_ipc/cuda |
+[1.2] [vm:1:0]   | 0..inf | software emulation | tcp/lo |
 [1.3] [vm:1:0]   | pre intra-node cfg#1                |
 [1.3] [vm:1:0]   | active message by ucp_am_send* from host memory |
 [1.3] [vm:1:0]   |          0 | short   | tcp/lo      |
@@ -132,6 +132,10 @@ UCX_LOG = """\
 [1.4] [vm:1:0]   | 0..inf | zero-copy   | sysv/memory |
 [1.5] [vm:1:0]      sock.c:355  UCX  ERROR connect(fd=28, dest_addr=127.0.0.1:51811) failed
 [1.6] [vm:1:0]      ucp_ep.c:1  UCX  WARN  something odd
+[1.7] [vm:1:0]   | pre intra-node cfg#2                |
+[1.7] [vm:1:0]   | remote memory write by ucp_put*(multi) from cuda/GPU0 to cuda/dev[1] |
+[1.7] [vm:1:0]   | 0..8k  | zero-copy   | tcp/lo      |
+[1.7] [vm:1:0]   | 8k..inf| zero-copy   | cuda_ipc/cuda |
 """
 
 
@@ -143,10 +147,15 @@ def test_ucx_log_reader_parses_selected_transports(tmp_path: Path, caplog: pytes
     path.write_text(UCX_LOG)
     with caplog.at_level(logging.WARNING):
         changed = reader.poll(force=True)
-    assert changed == ["put intra-node cuda->cuda", "am intra-node host"]
-    assert reader.selected == {"put intra-node cuda->cuda": ["tcp/lo", "cuda_ipc/cuda"],
-                               "am intra-node host": ["tcp/lo"]}  # "self" and other workers skipped
-    assert reader.tcp_rma() == ["put intra-node cuda->cuda"]
+    assert changed == ["put intra-node host->cuda", "am intra-node host", "put intra-node cuda->cuda"]
+    assert reader.selected == {  # "self" endpoints and other workers' tables are skipped
+        "put intra-node host->cuda": ["tcp/lo"],
+        "am intra-node host": ["tcp/lo"],
+        "put intra-node cuda->cuda": ["tcp/lo", "cuda_ipc/cuda"],
+    }
+    # only tables whose source is the pool's memory count: host->cuda emulation is not our path
+    assert reader.tcp_rma("cuda") == ["put intra-node cuda->cuda"]
+    assert reader.tcp_rma("host") == ["put intra-node host->cuda"]
     assert [r.levelname for r in caplog.records] == ["ERROR", "WARNING"]
     assert "connect(fd=28" in caplog.records[0].getMessage()
     assert reader.poll() == []  # rate limited, and nothing new anyway

@@ -190,7 +190,7 @@ class KVSender(ABC):
     def dest(self, room: int) -> TransferDest | None:
         """The decode side's destination for ``room``, or ``None`` while it is not published yet.
 
-        Cached once found (until the room is reported by ``poll`` or cancelled). Raises
+        Cached once found; ``None`` again once the room was reported by ``poll`` or cancelled. Raises
         ``IncompatibleKVLayout`` when the decode side's layout hash differs; the decode side is
         then told to fail the room."""
 

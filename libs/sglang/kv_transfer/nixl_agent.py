@@ -7,10 +7,13 @@ pool once; each peer's pool the first time we write to it) as strided lists, so 
 two index arrays.
 
 UCX environment: the connector never sets ``UCX_NET_DEVICES`` or ``UCX_TLS`` (a process-wide
-choice that also decides whether two hosts can reach each other); single-host deployments and
-tests set ``UCX_NET_DEVICES=lo``. If UCX cannot create the backend with peer-failure handling
-(e.g. ``UCX_TLS=shm,self``), it is created again with ``ucx_error_handling_mode=none`` and a
-warning: a dead peer is then found by heartbeats and timeouts only.
+choice that also decides whether two hosts can reach each other: ``lo`` would make a two-host
+deployment fail); single-host deployments and tests set ``UCX_NET_DEVICES=lo`` before the first
+agent is created. The only UCX variables it sets are ``UCX_LOG_FILE`` and ``UCX_PROTO_INFO`` (see
+``ucx_info``; off with ``capture_ucx_info=False``), and only when unset. If UCX cannot create the
+backend with peer-failure handling (e.g. ``UCX_TLS=shm,self``), it is created again with
+``ucx_error_handling_mode=none`` and a warning: a dead peer is then found by heartbeats and
+timeouts only.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from sglang.kv_transfer.ucx_info import UcxLogReader, enable_capture, ucx_env
 logger = logging.getLogger(__name__)
 
 BACKEND = "UCX"
+_NET_TLS = ("tcp", "rc", "ud", "dc", "ib", "all", "srd", "ugni")  # UCX_TLS names of network transports
 
 
 class PeerUnavailable(RuntimeError):
@@ -86,6 +90,7 @@ class NixlKVAgent:
         self.blocks = self.num_pages + 1  # page 0 (padding) included so block index == page id
         self.page_bytes = layout.page_size * layout.num_kv_heads * layout.head_dim * first.element_size()
         self.mem_type = "VRAM" if first.is_cuda else "DRAM"
+        self.src_kind = "cuda" if first.is_cuda else "host"  # how UCX's tables name this memory
         self.device_id = (first.device.index or 0) if first.is_cuda else 0
         self.bytes_per_page_all_layers = self.page_bytes * len(self.tensors)
 
@@ -116,8 +121,12 @@ class NixlKVAgent:
 
     # ---- setup ---------------------------------------------------------------------------
     def _check_env(self) -> None:
-        tls = os.environ.get("UCX_TLS", "")
-        if self.mem_type == "VRAM" and tls and "cuda" not in tls and tls not in ("all", "^"):
+        tls = os.environ.get("UCX_TLS", "").strip()
+        if tls.startswith("^"):  # an exclusion list
+            no_cuda = any(t.startswith("cuda") for t in tls[1:].split(","))
+        else:
+            no_cuda = bool(tls) and tls != "all" and not any(t.startswith("cuda") for t in tls.split(","))
+        if self.mem_type == "VRAM" and no_cuda:
             logger.warning(
                 "!!! kv_transfer: KV pool is on GPU but UCX_TLS=%s has no CUDA transport: KV pages will be "
                 "staged through host memory or TCP (slow). Unset UCX_TLS or add cuda_ipc,cuda_copy.", tls,
@@ -127,6 +136,13 @@ class NixlKVAgent:
 
     def _create_backend(self) -> dict[str, str]:
         mode = self.opts.ucx_error_handling_mode
+        tls = os.environ.get("UCX_TLS", "").strip()
+        if mode is None and tls and not tls.startswith("^") and not any(
+            t.strip().startswith(_NET_TLS) for t in tls.split(",")
+        ):
+            # Shared-memory-only transports have no peer failure handler: UCX refuses "peer" mode.
+            logger.info("kv_transfer: UCX_TLS=%s has no network transport: ucx_error_handling_mode=none", tls)
+            mode = "none"
         params = {} if mode is None else {"ucx_error_handling_mode": mode}
         try:
             self.agent.create_backend(BACKEND, params)
@@ -140,7 +156,8 @@ class NixlKVAgent:
             )
             params = {"ucx_error_handling_mode": "none"}
             self.agent.create_backend(BACKEND, params)
-        return dict(self.agent.get_backend_params(BACKEND)) or params
+        defaults = dict(self.agent.get_plugin_params(BACKEND))  # what the backend ran with
+        return {**defaults, **dict(self.agent.get_backend_params(BACKEND)), **params}
 
     def _prep(self, agent: str, addrs: list[int], blocks: int, mem_type: str, dev: int) -> nixl_prepped_dlist_handle:
         try:
@@ -215,7 +232,7 @@ class NixlKVAgent:
         sel = self.ucx_log.selected
         summary = "; ".join(f"{k}={','.join(v)}" for k, v in sorted(sel.items()))
         logger.info("kv_transfer %s: UCX transports selected: %s", self.name, summary)
-        for op in self.ucx_log.tcp_rma():
+        for op in self.ucx_log.tcp_rma(self.src_kind):
             if op in self._reported:
                 continue
             self._reported.add(op)
@@ -240,7 +257,7 @@ class NixlKVAgent:
         return TransportInfo(
             backend=BACKEND, mem_type=self.mem_type, env=ucx_env(), params=dict(self.backend_params),
             selected={k: list(v) for k, v in self.ucx_log.selected.items()},
-            tcp_fallback=bool(self.ucx_log.tcp_rma()), note=note,
+            tcp_fallback=bool(self.ucx_log.tcp_rma(self.src_kind)), note=note,
         )
 
     # ---- teardown ------------------------------------------------------------------------

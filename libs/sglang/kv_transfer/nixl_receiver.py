@@ -68,8 +68,8 @@ class NixlKVReceiver(KVReceiver):
         if bad:
             raise ValueError(f"room {room}: pages {bad[:8]} outside the pool (1..{self.kv.num_pages})")
         d = TransferDest(room, self.kv.name, list(pages), self.kv.layout_hash, HANDSHAKE_VERSION, self.kv.instance)
-        self._rooms[room] = _Wait(list(pages))
         self.kv.redis.set(room_key(self.kv.prefix, room), d.to_json(), px=self.room_ttl_ms)
+        self._rooms[room] = _Wait(list(pages))
 
     def poll(self) -> list[RoomResult]:
         out: list[RoomResult] = []

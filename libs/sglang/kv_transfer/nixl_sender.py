@@ -38,7 +38,7 @@ from sglang.kv_transfer.notifications import ABORT, CHUNK, CLAIM, Notification, 
 
 logger = logging.getLogger(__name__)
 
-_DEAD_ROOMS_KEPT = 65536  # failed/cancelled rooms remembered so late sends are dropped
+_CLOSED_ROOMS_KEPT = 65536  # reported/cancelled rooms remembered: no re-pairing, late sends dropped
 
 
 @dataclass
@@ -82,7 +82,7 @@ class NixlKVSender(KVSender):
         self.device = self.kv.tensors[0].device
         self.num_buffers = len(self.kv.tensors)
         self._rooms: dict[int, _Room] = {}
-        self._dead: OrderedDict[int, None] = OrderedDict()
+        self._closed_rooms: OrderedDict[int, None] = OrderedDict()
         self._zombies: list[nixl_xfer_handle] = []  # handles NIXL could not release yet
         self._stats: list[TransferStats] = []
         self._warned_missing: set[str] = set()
@@ -93,7 +93,7 @@ class NixlKVSender(KVSender):
         r = self._rooms.get(room)
         if r is not None:
             return r.dest
-        if room in self._dead:
+        if room in self._closed_rooms:
             return None
         raw = self.kv.redis.get(room_key(self.kv.prefix, room))
         if raw is None:
@@ -140,8 +140,8 @@ class NixlKVSender(KVSender):
         last: bool,
         aux: dict[str, Any] | None = None,
     ) -> None:
-        if room in self._dead or (room in self._rooms and self._rooms[room].error):
-            logger.debug("kv_transfer: dropping send for failed room %d", room)
+        if room in self._closed_rooms or (room in self._rooms and self._rooms[room].error):
+            logger.info("kv_transfer: dropping a send for room %d (failed, cancelled or reported)", room)
             return
         if self.dest(room) is None:
             raise RuntimeError(f"room {room}: no destination published yet (call dest() until it is not None)")
@@ -259,8 +259,7 @@ class NixlKVSender(KVSender):
         del self._rooms[room]
         for h, _ in r.xfers:
             self._drop(h)
-        if not ok:
-            self._remember_dead(room)
+        self._remember_closed(room)
         if r.chunks:
             self._stats.append(TransferStats(room, ok, r.bytes, now - r.first_send, len(r.chunks), r.peer))
 
@@ -276,14 +275,14 @@ class NixlKVSender(KVSender):
         if not self._release(h):
             self._zombies.append(h)
 
-    def _remember_dead(self, room: int) -> None:
-        self._dead[room] = None
-        while len(self._dead) > _DEAD_ROOMS_KEPT:
-            self._dead.popitem(last=False)
+    def _remember_closed(self, room: int) -> None:
+        self._closed_rooms[room] = None
+        while len(self._closed_rooms) > _CLOSED_ROOMS_KEPT:
+            self._closed_rooms.popitem(last=False)
 
     def cancel(self, room: int) -> None:
         r = self._rooms.pop(room, None)
-        self._remember_dead(room)
+        self._remember_closed(room)
         if r is None:
             return
         if r.error is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import logging
 import os
 import re
@@ -33,7 +34,7 @@ _lock = threading.Lock()
 _PREFIX = re.compile(r"^\[[^\]]*\]\s+\[[^\]]*\]\s?")
 _LEVEL = re.compile(r"\bUCX\s+(ERROR|WARN|DIAG)\b")
 _TITLE = re.compile(r"^(.+?) (\S+) cfg#\d+$")
-_MEM = re.compile(r"from (\S+) memory(?: to (\S+))?")
+_MEM = re.compile(r"from (\S+)(?: memory)?(?: to (\S+))?")  # "from host memory to cuda/dev[1]", "from cuda/GPU0 to ..."
 
 
 def ucx_loaded() -> bool:
@@ -86,8 +87,27 @@ def _op_key(op: str, ep_kind: str) -> str:
     else:
         name = op.split(" by ")[0]
     m = _MEM.search(op)
-    mem = "" if m is None else (m.group(1) + (f"->{m.group(2)}" if m.group(2) else ""))
+    mem = "" if m is None else (_kind(m.group(1)) + (f"->{_kind(m.group(2))}" if m.group(2) else ""))
     return " ".join(p for p in (name, ep_kind, mem) if p)
+
+
+def _kind(mem: str) -> str:
+    """``cuda/GPU0`` -> ``cuda``, ``host`` -> ``host``."""
+    return mem.split("/")[0]
+
+
+def _flush_c_stdio() -> None:
+    """UCX writes its log through C stdio, which buffers a file: ``fflush(NULL)`` pushes it out."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None)
+        _libc.fflush(None)
+    except (OSError, AttributeError):
+        pass
+
+
+_libc: ctypes.CDLL | None = None
 
 
 class UcxLogReader:
@@ -115,6 +135,7 @@ class UcxLogReader:
         if self.path is None or (not force and now < self._next):
             return []
         self._next = now + self.period_s
+        _flush_c_stdio()
         try:
             with open(self.path, errors="replace") as f:
                 f.seek(self._offset)
@@ -167,6 +188,12 @@ class UcxLogReader:
     def remote_transports(self) -> dict[str, list[str]]:
         return {k: v for k, v in self.selected.items() if not k.startswith("am ")}
 
-    def tcp_rma(self) -> list[str]:
-        """Put/get operations to a peer that UCX runs over TCP."""
-        return [k for k, v in self.remote_transports().items() if any("tcp" in t for t in v)]
+    def tcp_rma(self, src: str = "") -> list[str]:
+        """Put/get operations to a peer that UCX runs over TCP; with ``src`` (``"cuda"``, ``"host"``)
+        only those from that kind of memory. UCX prints tables for every memory-type pair it may
+        meet (e.g. host -> cuda by software emulation over TCP), so only the pair whose source is
+        the KV pool's memory says what the KV bytes use."""
+        return [
+            k for k, v in self.remote_transports().items()
+            if any("tcp" in t for t in v) and (not src or f" {src}->" in k)
+        ]
