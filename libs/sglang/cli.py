@@ -3,6 +3,7 @@
 Subcommands::
 
     sglang up      redis-server + N unified workers + the router, all on 127.0.0.1
+                   (``--prefill N --decode M``: a PD stack, N prefill + M decode workers)
     sglang worker  ``python -m sglang_worker ...`` (arguments passed through, ``--help`` included)
     sglang router  ``python -m sglang_router ...`` (arguments passed through, ``--help`` included)
 
@@ -22,8 +23,10 @@ services/. ``sglang up`` is a supervisor, not a service; its contract:
   which keeps the order above), and on Linux gets ``PR_SET_PDEATHSIG`` so that it dies with a
   supervisor that was SIGKILLed.
 
-Later roles (``--prefill N --decode M``) add process specs to :func:`plan_services`; nothing else
-here knows what a worker is for.
+``--prefill N --decode M`` (both >= 1) starts a prefill/decode-disaggregated stack: N
+``--role prefill`` and M ``--role decode`` workers (no unified ones unless ``--workers`` is also
+given); they exchange KV pages over NIXL on this host, so ``UCX_NET_DEVICES=lo`` is set for them
+unless the environment already sets it. Only :func:`plan_services` knows what a worker is for.
 """
 
 from __future__ import annotations
@@ -205,12 +208,8 @@ class Supervisor:
         self.stopping = True
         stages: list[list[Child]] = [
             [c for c in self.children if c.name == "router"],
-            [c for c in self.children if c.name.startswith("worker")],
-            [
-                c
-                for c in self.children
-                if c.name not in ("router", "redis") and not c.name.startswith("worker")
-            ],
+            [c for c in self.children if is_worker(c.name)],
+            [c for c in self.children if c.name not in ("router", "redis") and not is_worker(c.name)],
             [c for c in self.children if c.name == "redis"],
         ]
         for stage in stages:
@@ -242,6 +241,26 @@ class Supervisor:
 
 
 # ---- the plan ---------------------------------------------------------------------------------
+WORKER_ROLES = ("worker", "prefill", "decode")  # child names: worker-0, prefill-0, decode-0
+
+
+def is_worker(name: str) -> bool:
+    return name.split("-", 1)[0] in WORKER_ROLES
+
+
+def worker_counts(args: argparse.Namespace) -> dict[str, int]:
+    """``{"unified": n, "prefill": n, "decode": n}`` from ``--workers``/``--prefill``/``--decode``."""
+    prefill, decode = args.prefill or 0, args.decode or 0
+    if (prefill == 0) != (decode == 0):
+        raise StartupError(
+            f"a PD stack needs both --prefill and --decode (got --prefill {prefill} --decode {decode})"
+        )
+    unified = args.workers if args.workers is not None else (0 if prefill else 1)
+    if unified + prefill + decode == 0:
+        raise StartupError("nothing to serve: --workers 0 and no --prefill/--decode")
+    return {"unified": unified, "prefill": prefill, "decode": decode}
+
+
 def free_port(host: str = LOOPBACK) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -306,28 +325,36 @@ def plan_services(args: argparse.Namespace, model_path: str, redis_url: str) -> 
         value = getattr(args, flag)
         if value is not None:
             model += [f"--{flag.replace('_', '-')}", str(value)]
+    counts = worker_counts(args)
     env: dict[str, str] = {}
     if "OMP_NUM_THREADS" not in os.environ:
         # N workers on one CPU must not each start one thread per core (GPUs do not care).
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.workers))
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // sum(counts.values())))
+    pd_env = dict(env)
+    if "UCX_NET_DEVICES" not in os.environ:
+        pd_env["UCX_NET_DEVICES"] = "lo"  # KV pages move between processes of this host
+    pd_flags = [] if args.kv_transfer_timeout_s is None else ["--kv-transfer-timeout-s", str(args.kv_transfer_timeout_s)]
     specs = []
-    for i in range(args.workers):
-        argv = [
-            py,
-            "-m",
-            "sglang_worker",
-            "--role",
-            "unified",
-            "--host",
-            LOOPBACK,
-            "--port",
-            "0",  # the worker picks a free port and prints it in its readiness line
-            "--metrics-port",
-            "0",
-            *model,
-            *common,
-        ]
-        specs.append(ServiceSpec(f"worker-{i}", argv, WORKER_READY, env=env))
+    for role, count in counts.items():
+        for i in range(count):
+            argv = [
+                py,
+                "-m",
+                "sglang_worker",
+                "--role",
+                role,
+                "--host",
+                LOOPBACK,
+                "--port",
+                "0",  # the worker picks a free port and prints it in its readiness line
+                "--metrics-port",
+                "0",
+                *model,
+                *common,
+                *(pd_flags if role != "unified" else []),
+            ]
+            name = f"worker-{i}" if role == "unified" else f"{role}-{i}"
+            specs.append(ServiceSpec(name, argv, WORKER_READY, env=env if role == "unified" else pd_env))
     router = [
         py,
         "-m",
@@ -384,8 +411,10 @@ def banner(base: str, model: str, args: argparse.Namespace, redis_url: str, seco
     body = json.dumps(
         {"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
     )
+    counts = worker_counts(args)
+    parts = [f"{n} {'' if role == 'unified' else role + ' '}worker(s)" for role, n in counts.items() if n]
     return (
-        f"\nsglang up: ready at {base} in {seconds:.1f} s (model {model!r}, {args.workers} worker(s), "
+        f"\nsglang up: ready at {base} in {seconds:.1f} s (model {model!r}, {', '.join(parts)}, "
         f"policy {args.policy}, redis {redis_url})\n"
         f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
         f"    -d '{body}'\n"
@@ -418,6 +447,7 @@ async def up_main(args: argparse.Namespace) -> int:
     data_dir = tempfile.mkdtemp(prefix="sglang-up-redis-")
     rc = 0
     try:
+        workers = sum(worker_counts(args).values())
         if not port_is_free(args.port):
             raise StartupError(f"port {args.port} on {LOOPBACK} is in use (pick another with --port)")
         model_path = await sup.race(
@@ -436,9 +466,9 @@ async def up_main(args: argparse.Namespace) -> int:
         await sup.wait_ready(children, max(1.0, args.startup_timeout - (time.monotonic() - t0)))
         base = f"http://{LOOPBACK}:{args.port}"
         model = await sup.race(
-            wait_router_serving(base, args.api_key, args.workers),
+            wait_router_serving(base, args.api_key, workers),
             60,
-            f"waiting for the router to see {args.workers} worker(s) and list the model",
+            f"waiting for the router to see {workers} worker(s) and list the model",
         )
         print(banner(base, model, args, redis_url, time.monotonic() - t0), flush=True)
         await sup.trouble.wait()
@@ -459,6 +489,13 @@ async def up_main(args: argparse.Namespace) -> int:
 
 
 # ---- argument parsing -------------------------------------------------------------------------
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -484,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser(
         "up",
         help="run Redis, N workers and the router on this machine (Ctrl-C stops all)",
-        description="Start redis-server, N unified workers and the router as local processes on 127.0.0.1, "
+        description="Start redis-server, N unified workers (or --prefill N --decode M PD workers) and the router "
+        "as local processes on 127.0.0.1, "
         "wait until they serve, print the URL; Ctrl-C or SIGTERM stops everything in order.",
         formatter_class=_DefaultsFormatter,
     )
@@ -506,7 +544,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", choices=["auto", "cpu", "cuda"], default=None, help="where the workers run the model"
     )
     up.add_argument("--port", type=int, default=30000, help="router HTTP port")
-    up.add_argument("--workers", type=_positive, default=1, help="number of unified workers")
+    up.add_argument(
+        "--workers", type=_non_negative, default=None,
+        help="number of unified workers (default: 1, or 0 with --prefill/--decode)",
+    )
+    up.add_argument(
+        "--prefill", type=_non_negative, default=0,
+        help="number of prefill workers of a PD-disaggregated stack (needs --decode)",
+    )
+    up.add_argument(
+        "--decode", type=_non_negative, default=0,
+        help="number of decode workers of a PD-disaggregated stack (needs --prefill)",
+    )
+    up.add_argument(
+        "--kv-transfer-timeout-s", type=float, default=None,
+        help="PD: longest wait of a worker for its peer's pages or KV before the request fails",
+    )
     up.add_argument(
         "--redis-url", default=None, help="use this Redis instead of starting one (redis://HOST:PORT)"
     )

@@ -447,9 +447,11 @@ def test_cli_help_and_rejected_settings() -> None:
     assert helped.returncode == 0
     for flag in ("--role", "--port", "--redis-url", "--model-path", "--load-format", "--dtype", "--page-size",
                  "--max-total-tokens", "--chunked-prefill-size", "--max-running-requests", "--context-length",
-                 "--device", "--metrics-port", "--drain-timeout-s", "--heartbeat-ttl-s", "--worker-id"):
+                 "--device", "--metrics-port", "--drain-timeout-s", "--heartbeat-ttl-s", "--worker-id",
+                 "--kv-transfer-timeout-s", "--kv-transfer-redis-url"):
         assert flag in helped.stdout, flag
-    role = cli("--role", "prefill")
-    assert role.returncode == 2 and "not implemented yet" in role.stderr
+    assert "--disaggregation-mode" not in helped.stdout  # --role decides it
+    role = cli("--role", "prefill")  # PD roles meet their peers through Redis
+    assert role.returncode == 2 and "role='prefill' needs redis_url" in role.stderr, role.stderr
     ttl = cli("--heartbeat-interval-s", "2", "--heartbeat-ttl-s", "1")
     assert ttl.returncode == 2 and "heartbeat_ttl_s" in ttl.stderr

@@ -120,6 +120,13 @@ def test_generate_input_round_trip() -> None:
     back = convert.generate_input_from_proto(wire(convert.generate_input_to_proto(minimal)))
     assert back == minimal
     assert back.logprob_start_len is None  # unset stays None, not 0
+    assert back.bootstrap_room is None
+    for room in (0, 2**63 - 1, 12345):  # PD rooms: 0 is a room, not "unset"
+        pd = GenerateInput(request_id="r4", input_ids=[5], bootstrap_room=room)
+        assert convert.generate_input_from_proto(wire(convert.generate_input_to_proto(pd))) == pd
+    with pytest.raises(convert.InvalidParam) as info:
+        convert.generate_input_to_proto(GenerateInput(request_id="r5", input_ids=[5], bootstrap_room=-1))
+    assert info.value.param == "bootstrap_room"
     with pytest.raises(convert.InvalidParam) as info:
         convert.generate_input_to_proto(GenerateInput(request_id="r3", input_ids=[1, "2"]))  # type: ignore[list-item]
     assert info.value.param == "input_ids"
@@ -171,9 +178,11 @@ def test_events_round_trip() -> None:
 
 def test_load_and_model_info_dicts() -> None:
     stats = {"num_running_reqs": 2, "num_waiting_reqs": 1, "token_usage": 0.25, "cache_hit_rate": 0.1,
-             "num_used_pages": 8, "num_total_pages": 32, "num_cached_pages": 3, "num_steps": 99}
+             "num_used_pages": 8, "num_total_pages": 32, "num_cached_pages": 3, "num_steps": 99,
+             "num_prefill_inflight_queue_reqs": 0, "num_decode_prealloc_queue_reqs": 4,
+             "num_decode_transfer_queue_reqs": 5, "disaggregation_mode": "decode"}
     load = convert.load_from_proto(wire(convert.load_to_proto(stats)))
-    assert load == {k: v for k, v in stats.items() if k != "num_steps"}
+    assert load == {k: v for k, v in stats.items() if k not in ("num_steps", "disaggregation_mode")}
     info = {"model_path": "/m", "served_model_name": "m", "architecture": "LlamaForCausalLM",
             "context_length": 1024, "vocab_size": 320, "page_size": 4, "dtype": "float32", "role": "unified",
             "eos_token_ids": [1, 2], "max_total_tokens": 4096}

@@ -105,8 +105,17 @@ class Engine:
         }
         self.kv_agent_name = name
         if s.disaggregation_mode == "prefill":
-            return PrefillSide(create_sender(s.kv_transfer_backend, **kw), self.runner.page_size, s.kv_transfer_timeout_s)
-        return DecodeSide(create_receiver(s.kv_transfer_backend, **kw))
+            # Test hook, read here (never at import): hold long prompts between KV chunks.
+            delay = float(os.environ.get("SGLANG_TEST_PD_CHUNK_DELAY_S", "0") or 0)
+            min_prompt = int(os.environ.get("SGLANG_TEST_PD_CHUNK_DELAY_MIN_PROMPT", "0") or 0)
+            if delay > 0:
+                logger.warning("test hook: prefill sleeps %gs after each KV chunk of prompts >= %d tokens",
+                               delay, min_prompt)
+            sender = create_sender(s.kv_transfer_backend, **kw)
+            return PrefillSide(sender, self.runner.page_size, s.kv_transfer_timeout_s, delay, min_prompt)
+        pool = self.runner.kv_pool
+        page_bytes = pool.bytes_per_token(info.num_layers, info.num_kv_heads, info.head_dim, pool.dtype) * pool.page_size
+        return DecodeSide(create_receiver(s.kv_transfer_backend, **kw), page_bytes)
 
     def _load_tokenizer(self) -> Tokenizer | None:
         if self.model_settings.skip_tokenizer_init:
@@ -330,10 +339,27 @@ class Engine:
                 "num_evicted_pages": s.cache.num_evictions if s.cache is not None else 0,
                 "num_steps": s.num_steps,
                 "max_total_tokens": s.runner.max_total_tokens,
+                **self._pd_stats(s),
             }
 
         stats: dict[str, Any] = self._loop.call(read)
         return stats
+
+    def _pd_stats(self, s: Scheduler) -> dict[str, Any]:
+        """PD queue sizes (SGLang's gauge names without the prefix) and cumulative transfer counters."""
+        pre = s.pd if isinstance(s.pd, PrefillSide) else None
+        dec = s.pd if isinstance(s.pd, DecodeSide) else None
+        out: dict[str, Any] = {
+            "disaggregation_mode": self.disagg_settings.disaggregation_mode,
+            "num_prefill_inflight_queue_reqs": len(pre.inflight) if pre is not None else 0,
+            "num_decode_prealloc_queue_reqs": len(dec.prealloc) if dec is not None else 0,
+            "num_decode_transfer_queue_reqs": len(dec.transfer) if dec is not None else 0,
+        }
+        counters = s.pd.stats() if s.pd is not None else {
+            "kv_transfer_bytes_total": 0, "kv_transfer_seconds_total": 0.0,
+            "kv_transfer_reqs_total": 0, "kv_transfer_failed_reqs_total": 0,
+        }
+        return {**out, **counters}
 
     def flush_cache(self) -> bool:
         """Empty the prefix cache. Refused (False) while requests are running."""
@@ -341,8 +367,16 @@ class Engine:
         return ok
 
     def shutdown(self) -> None:
-        """Abort what is in flight, stop the scheduler thread and free the model and KV pool."""
+        """Abort what is in flight, stop the scheduler thread, close the KV connector (PD) and free
+        the model and KV pool."""
         self._loop.stop()
+        pd = self.scheduler.pd
+        if pd is not None and not getattr(self, "_pd_closed", False):
+            self._pd_closed = True
+            try:
+                pd.close()
+            except Exception:  # noqa: BLE001 - shutdown goes on; the agent's records expire by TTL
+                logger.exception("closing the KV connector failed")
         del self.runner.kv_pool
         del self.runner.model
         if torch.cuda.is_available():

@@ -41,6 +41,24 @@ class WorkerMetrics:
         self.time_to_first_token_seconds = h("sglang:time_to_first_token_seconds", "Time to first token", LATENCY_BUCKETS)
         self.inter_token_latency_seconds = h("sglang:inter_token_latency_seconds", "Inter-token latency", ITL_BUCKETS)
         self.e2e_request_latency_seconds = h("sglang:e2e_request_latency_seconds", "End-to-end latency", LATENCY_BUCKETS)
+        # Prefill/decode disaggregation (zero on unified workers). Speed and latency are averages
+        # over the transfers that finished since the previous reading (unchanged when none did).
+        self.num_prefill_inflight_queue_reqs = g(
+            "sglang:num_prefill_inflight_queue_reqs", "Prefilled requests whose KV is being sent to decode"
+        )
+        self.num_decode_prealloc_queue_reqs = g(
+            "sglang:num_decode_prealloc_queue_reqs", "Decode requests waiting for KV pages to be reserved"
+        )
+        self.num_decode_transfer_queue_reqs = g(
+            "sglang:num_decode_transfer_queue_reqs", "Decode requests waiting for their KV from prefill"
+        )
+        self.kv_transfer_speed_gb_s = g("sglang:kv_transfer_speed_gb_s", "KV transfer speed per request (GB/s)")
+        self.kv_transfer_latency_ms = g("sglang:kv_transfer_latency_ms", "KV transfer latency per request (ms)")
+        self.kv_transfer_bytes_total = c("sglang:kv_transfer_bytes", "KV bytes transferred (all layers, K and V)")
+        self.kv_transfer_reqs_total = c("sglang:kv_transfer_reqs", "Requests whose KV transfer completed")
+        self.num_transfer_failed_reqs_total = c(
+            "sglang:num_transfer_failed_reqs", "Requests whose KV transfer failed or timed out"
+        )
 
     def child(self, metric: Gauge | Counter | Histogram) -> Gauge | Counter | Histogram:
         return metric.labels(**self.labels) if self.labels else metric
@@ -62,6 +80,10 @@ class RouterMetrics:
             "sglang_router:upstream_errors", "Failed calls to workers", ["worker", "code"], registry=r
         )
         self.num_workers = Gauge("sglang_router:num_workers", "Workers known from the registry", ["role"], registry=r)
+        self.pd_failures_total = Counter(
+            "sglang_router:pd_failures", "PD attempts that failed, by stage (prefill, decode, timeout)", ["stage"],
+            registry=r,
+        )
         self.prompt_tokens_total = Counter("sglang:prompt_tokens", "Prompt tokens routed", registry=r)
         self.generation_tokens_total = Counter("sglang:generation_tokens", "Tokens streamed back", registry=r)
         self.time_to_first_token_seconds = Histogram(

@@ -88,6 +88,19 @@ class RouterSettings(BaseSettings):
     """Times a request is sent to another worker when the chosen one is unavailable before any token
     was streamed (a worker that fails mid-stream ends the request with an error)."""
 
+    pd_mode: Literal["auto", "off"] = "auto"
+    """Prefill/decode disaggregation. ``auto``: a model with at least one routable ``prefill`` and
+    one routable ``decode`` worker is served by such pairs (its ``unified`` workers then take requests
+    only while no pair is available); ``off``: only ``unified`` workers are used."""
+
+    pd_timeout_s: float = Field(default=60.0, gt=0.0, le=3600.0)
+    """PD mode: longest wait from sending a request to its prefill and decode workers until the
+    decode worker streams the first token; then both are aborted and the client gets a 504."""
+
+    pd_abort_timeout_s: float = Field(default=2.0, gt=0.0, le=60.0)
+    """PD mode: bound on each Abort call to the other worker of a failed pair (its stream is cancelled
+    too), and on how long a finished request waits for its prefill call to report."""
+
     max_inflight_per_worker: int = Field(default=1024, ge=1, le=1_000_000)
     """A worker with this many requests in flight from this router takes no more (503 when all do)."""
 

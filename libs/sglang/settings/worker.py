@@ -11,7 +11,7 @@ import secrets
 import socket
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -38,8 +38,10 @@ class WorkerSettings(BaseSettings):
     hostname when ``host`` is a wildcard (``0.0.0.0``/``::``)."""
 
     role: Literal["unified", "prefill", "decode"] = "unified"
-    """``unified`` does prefill and decode. ``prefill``/``decode`` (PD disaggregation) are not
-    implemented yet and are rejected."""
+    """``unified`` does prefill and decode (RPC ``Generate``). ``prefill``/``decode`` split them
+    across workers (PD disaggregation, RPCs ``Prefill``/``Decode``): the engine runs with
+    ``disaggregation_mode`` = the role, its KV agent is named ``worker_id`` and meets its peers in
+    ``redis_url`` (both required for these roles; ``--kv-transfer-*`` flags override)."""
 
     worker_id: str = Field(default_factory=default_worker_id, min_length=1, max_length=200, pattern=r"^[\w.:@-]+$")
     """Unique id in the registry and in the KV event stream name. Default: hostname-pid-random."""
@@ -77,14 +79,14 @@ class WorkerSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level (logs go to stderr)."""
 
-    @field_validator("role")
-    @classmethod
-    def _only_unified(cls, role: str) -> str:
-        if role != "unified":
+    @model_validator(mode="after")
+    def _pd_needs_redis(self) -> WorkerSettings:
+        if self.role != "unified" and self.redis_url is None:
             raise ValueError(
-                f"role={role!r} (prefill/decode disaggregation) is not implemented yet; use role='unified'"
+                f"role={self.role!r} needs redis_url: prefill and decode workers exchange KV transfer "
+                "metadata and register through Redis"
             )
-        return role
+        return self
 
     @model_validator(mode="after")
     def _ttl_exceeds_interval(self) -> WorkerSettings:

@@ -48,6 +48,7 @@ SAMPLING_FIELDS: tuple[str, ...] = tuple(common_pb2.SamplingParams.DESCRIPTOR.fi
 
 _INT32 = (-(2**31), 2**31 - 1)
 _INT64 = (-(2**63), 2**63 - 1)
+_UINT64 = (0, 2**64 - 1)
 
 
 def f32(x: float) -> float:
@@ -243,6 +244,8 @@ def generate_input_to_proto(inp: GenerateInput) -> worker_pb2.GenerateRequest:
     )
     if inp.logprob_start_len is not None:
         msg.logprob_start_len = _int("logprob_start_len", inp.logprob_start_len)
+    if inp.bootstrap_room is not None:
+        msg.bootstrap_room = _int("bootstrap_room", inp.bootstrap_room, _UINT64)
     return msg
 
 
@@ -255,6 +258,7 @@ def generate_input_from_proto(msg: worker_pb2.GenerateRequest) -> GenerateInput:
         logprob_start_len=msg.logprob_start_len if msg.HasField("logprob_start_len") else None,
         top_logprobs_num=msg.top_logprobs_num,
         stream=msg.stream,
+        bootstrap_room=msg.bootstrap_room if msg.HasField("bootstrap_room") else None,
     )
 
 

@@ -25,6 +25,7 @@ class GenerateInput:
     logprob_start_len: int | None = None  # None: no prompt logprobs
     top_logprobs_num: int = 0
     stream: bool = True
+    bootstrap_room: int | None = None  # PD: pairs a Prefill with its Decode (0 <= room < 2**64)
 
 
 @dataclass

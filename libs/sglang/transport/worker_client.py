@@ -6,6 +6,8 @@
             ...
     await client.close()
 
+``prefill(inp)`` / ``decode(inp)`` are the same for the PD RPCs (``inp.bootstrap_room`` set).
+
 Contract:
 
 * One channel per client, opened lazily on first use and shared by every call; at most
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import grpc
@@ -67,16 +69,40 @@ class WorkerClient:
     def _unavailable(self, what: str, e: grpc.aio.AioRpcError) -> WorkerUnavailable:
         return WorkerUnavailable(f"worker {self.addr} {what}: {e.code().name} {e.details() or ''}".rstrip())
 
-    async def generate(
+    def generate(
         self, inp: GenerateInput, *, timeout_s: float | None = None
-    ) -> AsyncIterator[GenerateEvent]:
+    ) -> AsyncGenerator[GenerateEvent, None]:
         """Stream the events of one request (``inp.n`` must be 1). Raises ``InvalidParam`` before
         sending when ``inp`` cannot be encoded, ``WorkerUnavailable`` on transport failure."""
+        return self._stream("Generate", inp, timeout_s)
+
+    def prefill(
+        self, inp: GenerateInput, *, timeout_s: float | None = None
+    ) -> AsyncGenerator[GenerateEvent, None]:
+        """PD, on a prefill worker: like :meth:`generate`; ``inp.bootstrap_room`` is required. The
+        stream completes with ``token_ids == [first_token]`` once the KV pages were written to the
+        decode worker, or with ``finish_reason["type"] == "abort"`` when the transfer failed."""
+        if inp.bootstrap_room is None:
+            raise ValueError("prefill needs inp.bootstrap_room")
+        return self._stream("Prefill", inp, timeout_s)
+
+    def decode(
+        self, inp: GenerateInput, *, timeout_s: float | None = None
+    ) -> AsyncGenerator[GenerateEvent, None]:
+        """PD, on a decode worker: like :meth:`generate` (the first token is the prefill's);
+        ``inp.bootstrap_room`` is required."""
+        if inp.bootstrap_room is None:
+            raise ValueError("decode needs inp.bootstrap_room")
+        return self._stream("Decode", inp, timeout_s)
+
+    async def _stream(
+        self, rpc: str, inp: GenerateInput, timeout_s: float | None
+    ) -> AsyncGenerator[GenerateEvent, None]:
         request = convert.generate_input_to_proto(inp)
         stub, _ = self._stubs()
         timeout = timeout_s if timeout_s is not None else self.generate_timeout_s
         async with self._slots:
-            call = stub.Generate(request, timeout=timeout)
+            call = getattr(stub, rpc)(request, timeout=timeout)
             ended = False
             try:
                 async for msg in call:
@@ -86,11 +112,11 @@ class WorkerClient:
                     if ended:
                         return
             except grpc.aio.AioRpcError as e:
-                raise self._unavailable(f"Generate {inp.request_id!r} failed", e) from e
+                raise self._unavailable(f"{rpc} {inp.request_id!r} failed", e) from e
             finally:
                 if not ended:
                     call.cancel()
-            raise WorkerUnavailable(f"worker {self.addr} ended Generate {inp.request_id!r} without a result")
+            raise WorkerUnavailable(f"worker {self.addr} ended {rpc} {inp.request_id!r} without a result")
 
     async def _unary(self, name: str, request: Any, timeout_s: float | None) -> Any:
         stub, _ = self._stubs()
@@ -108,7 +134,8 @@ class WorkerClient:
 
     async def get_load(self, *, timeout_s: float | None = None) -> dict[str, Any]:
         """``num_running_reqs, num_waiting_reqs, token_usage, cache_hit_rate, num_used_pages,
-        num_total_pages, num_cached_pages``."""
+        num_total_pages, num_cached_pages`` and the PD queues ``num_prefill_inflight_queue_reqs,
+        num_decode_prealloc_queue_reqs, num_decode_transfer_queue_reqs``."""
         return convert.load_from_proto(await self._unary("GetLoad", worker_pb2.GetLoadRequest(), timeout_s))
 
     async def get_model_info(self, *, timeout_s: float | None = None) -> dict[str, Any]:

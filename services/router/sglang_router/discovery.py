@@ -5,7 +5,9 @@ Every ``discovery_interval_s`` the registry is read. A worker id seen for the fi
 refreshed; one whose key expired (heartbeat lapsed) or that deregistered is dropped, and its
 client closed once no request of this router runs on it any more.
 
-A worker is routable when it is ``role=unified``, not draining and not marked failed. A request that
+A worker is routable when it is not draining and not marked failed; ``routable(model, role)``
+filters by role (``unified`` workers serve Generate, ``prefill``/``decode`` workers are paired by
+the PD flow). A request that
 finds a worker unavailable (``WorkerUnavailable``) marks it failed at once, so new requests avoid it
 without waiting for its key to expire; the mark clears when the worker heart-beats again after it.
 """
@@ -26,7 +28,7 @@ from sglang.settings.router import RouterSettings
 
 logger = logging.getLogger(__name__)
 
-ROUTABLE_ROLES = ("unified",)
+ROUTABLE_ROLES = ("unified", "prefill", "decode")
 
 
 def _default_client_factory(addr: str) -> Any:
@@ -80,7 +82,8 @@ class Discovery:
     Contract:
     - ``start()`` reads the registry once (errors are logged, not raised) and then keeps one polling
       task, which ``stop()`` cancels and awaits before closing every client.
-    - ``routable(model)`` lists routable workers, sorted by id; ``model=None`` means any model.
+    - ``routable(model, role)`` lists routable workers, sorted by id; ``model=None`` means any
+      model, ``role=None`` any role.
     - ``track(handle)`` counts a request in flight on ``handle`` for the duration of a ``with``.
     - ``on_added``/``on_removed`` callbacks run on the event loop, synchronously, for each worker
       that appears or leaves (policies forget removed workers; the model catalog loads tokenizers).
@@ -207,8 +210,12 @@ class Discovery:
 
     # ------------------------------------------------------------------ queries and marks
 
-    def routable(self, model: str | None = None) -> list[WorkerHandle]:
-        out = [h for h in self.workers.values() if h.routable and (model is None or h.record.model == model)]
+    def routable(self, model: str | None = None, role: str | None = None) -> list[WorkerHandle]:
+        out = [
+            h for h in self.workers.values()
+            if h.routable and (model is None or h.record.model == model)
+            and (role is None or (h.record.role or "unified") == role)
+        ]
         return sorted(out, key=lambda h: h.worker_id)
 
     def mark_failed(self, worker_id: str) -> None:

@@ -5,7 +5,8 @@
         async for u in updates:                                           # first update: a 4xx/5xx
             ...  # SampleUpdate: new visible text of sample u.index; u.finish_reason on its last one
 
-Every (prompt, sample) pair is one worker call (``n`` fans out: sample ``j`` of a seeded request
+Every (prompt, sample) pair is one worker call (two in PD mode: a prefill and a decode worker, see
+``pd_flow``) (``n`` fans out: sample ``j`` of a seeded request
 gets ``seed + j``, as ``sglang.Engine`` does). Each call picks a worker through the policy, streams
 token ids back, detokenizes them incrementally and applies stop strings here (they are also sent to
 the worker so it stops early; the router's own check trims the text and cancels the worker stream).
@@ -34,6 +35,7 @@ from sglang.transport.types import GenerateEvent, GenerateInput, WorkerUnavailab
 from sglang_router.discovery import Discovery, WorkerHandle
 from sglang_router.errors import RouterError, bad_request, param_of_value_error
 from sglang_router.models import ModelState
+from sglang_router.pd_flow import PDFlow
 from sglang_router.policies import RoutingPolicy, WorkerView
 from sglang_router.sample_output import SampleDecoder, SampleResult, SampleUpdate, collect
 
@@ -87,6 +89,7 @@ class RequestFlow:
         self.metrics = metrics
         self.inflight = 0  # requests being streamed (draining waits for 0)
         self.draining = False
+        self.pd = PDFlow(self)
 
     # ------------------------------------------------------------------ preparation (400s)
 
@@ -239,10 +242,13 @@ class RequestFlow:
             top_logprobs_num=req.top_logprobs_num,
             stream=True,
         )
+        if self.pd.enabled(req.model.name):
+            await self.pd.run(req, s, inp, decoder, out)
+            return
         tried: set[str] = set()
         retries = 0
         while True:
-            handle, decision = await self._pick(req, s, tried)
+            handle, decision = await self.pick(req, s, tried)
             tried.add(handle.worker_id)
             self.metrics.requests_total.labels(handle.worker_id, self.policy.name, decision).inc()
             last = time.monotonic()
@@ -260,7 +266,7 @@ class RequestFlow:
                                     param=ev.error_param or None,
                                     retry_after=self.settings.retry_after_s if code == 503 else None,
                                 )
-                            last = self._observe_tokens(req, ev, decoder.num_tokens, last)
+                            last = self.observe_tokens(req, ev, decoder.num_tokens, last)
                             u = decoder.feed(ev, handle.worker_id)
                             if u.finish_reason is not None:
                                 self.metrics.prompt_tokens_total.inc(len(s.input_ids))
@@ -280,7 +286,7 @@ class RequestFlow:
                     code="worker_unavailable", retry_after=self.settings.retry_after_s,
                 ) from None
 
-    def _observe_tokens(self, req: PreparedRequest, ev: GenerateEvent, seen: int, last: float) -> float:
+    def observe_tokens(self, req: PreparedRequest, ev: GenerateEvent, seen: int, last: float) -> float:
         """TTFT (first token of the request), ITL (per token of later events), tokens streamed."""
         if not ev.token_ids:
             return last
@@ -294,11 +300,15 @@ class RequestFlow:
         self.metrics.generation_tokens_total.inc(len(ev.token_ids))
         return now
 
-    async def _pick(self, req: PreparedRequest, s: Sample, tried: set[str]) -> tuple[WorkerHandle, str]:
+    async def pick(
+        self, req: PreparedRequest, s: Sample, tried: set[str], role: str = "unified"
+    ) -> tuple[WorkerHandle, str]:
+        """A worker of ``role`` for sample ``s`` through the policy (not one of ``tried``)."""
         retry_after = self.settings.retry_after_s
-        workers = [h for h in self.discovery.routable(req.model.name) if h.worker_id not in tried]
+        workers = [h for h in self.discovery.routable(req.model.name, role) if h.worker_id not in tried]
         if not workers:
-            what = "no other worker" if tried else "no worker"
+            kind = "" if role == "unified" else f"{role} "
+            what = f"no other {kind}worker" if tried else f"no {kind}worker"
             raise RouterError(503, f"{what} is available for model {req.model.name!r}", retry_after=retry_after)
         free = [
             h for h in workers

@@ -17,9 +17,12 @@ from typing import Any, Literal
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 from sglang.settings import CacheSettings, ModelSettings, SchedulerSettings
+from sglang.settings.disagg import DisaggSettings
 from sglang.settings.worker import WorkerSettings
 
-ENGINE_SETTINGS: tuple[type[BaseSettings], ...] = (ModelSettings, CacheSettings, SchedulerSettings)
+ENGINE_SETTINGS: tuple[type[BaseSettings], ...] = (ModelSettings, CacheSettings, SchedulerSettings, DisaggSettings)
+# Engine fields that the worker sets itself: ``--role`` decides the disaggregation mode.
+NOT_FLAGS = {"disaggregation_mode"}
 
 
 @dataclass
@@ -82,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         docs = _attribute_docstrings(cls)
         prefix = cls.model_config.get("env_prefix", "")
         for name, field in cls.model_fields.items():
+            if name in NOT_FLAGS:
+                continue
             default = field.get_default(call_default_factory=False) if field.default_factory is None else "<generated>"
             _add_field(group, name, field.annotation, default, field.description or docs.get(name, ""), f"{prefix}{name.upper()}")
     return parser
@@ -100,4 +105,18 @@ def parse_args(argv: list[str] | None) -> WorkerArgs:
     except ValidationError as e:
         reasons = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())
         parser.error(reasons)
+    engine_kw.update(pd_engine_kwargs(settings, engine_kw))
     return WorkerArgs(settings=settings, engine_kwargs=engine_kw)
+
+
+def pd_engine_kwargs(settings: WorkerSettings, given: dict[str, Any]) -> dict[str, Any]:
+    """What ``--role prefill|decode`` means for the engine: ``disaggregation_mode`` = the role, the
+    KV agent named after the worker and meeting its peers in the worker's Redis (unless the
+    ``--kv-transfer-*`` flags say otherwise)."""
+    if settings.role == "unified":
+        return {"disaggregation_mode": "null"}  # whatever SGLANG_DISAGGREGATION_MODE says
+    return {
+        "disaggregation_mode": settings.role,
+        "kv_transfer_redis_url": given.get("kv_transfer_redis_url") or settings.redis_url,
+        "kv_transfer_agent_name": given.get("kv_transfer_agent_name") or settings.worker_id,
+    }

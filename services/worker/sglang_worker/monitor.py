@@ -34,12 +34,15 @@ class LoadMonitor:
         self.generated_tokens = generated_tokens
         self.load = WorkerLoad(max_running_requests=max_running_requests)
         self._last: tuple[float, int] | None = None
+        self._last_pd: dict[str, float] = {}  # cumulative PD transfer counters at the last reading
 
     async def poll(self) -> WorkerLoad:
         stats = await asyncio.to_thread(self.get_stats)
         self.load = WorkerLoad(
             num_running_reqs=stats["num_running_reqs"],
-            num_waiting_reqs=stats["num_waiting_reqs"],
+            # A decode worker's queue is its prealloc + transfer stages (its waiting queue is empty).
+            num_waiting_reqs=stats["num_waiting_reqs"] + stats.get("num_decode_prealloc_queue_reqs", 0)
+            + stats.get("num_decode_transfer_queue_reqs", 0),
             token_usage=stats["token_usage"],
             cache_hit_rate=stats["cache_hit_rate"],
             num_cached_pages=stats["num_cached_pages"],
@@ -58,7 +61,24 @@ class LoadMonitor:
                 rate = (total - self._last[1]) / (now - self._last[0])
                 m.child(m.gen_throughput).set(rate)  # type: ignore[union-attr]
             self._last = (now, total)
+            self._observe_pd(m, stats)
         return self.load
+
+    def _observe_pd(self, m: WorkerMetrics, stats: dict[str, Any]) -> None:
+        for name in ("num_prefill_inflight_queue_reqs", "num_decode_prealloc_queue_reqs", "num_decode_transfer_queue_reqs"):
+            m.child(getattr(m, name)).set(stats.get(name, 0))  # type: ignore[union-attr]
+        keys = ("kv_transfer_bytes_total", "kv_transfer_seconds_total", "kv_transfer_reqs_total",
+                "kv_transfer_failed_reqs_total")
+        now = {k: float(stats.get(k, 0)) for k in keys}
+        delta = {k: max(now[k] - self._last_pd.get(k, 0.0), 0.0) for k in keys}
+        self._last_pd = now
+        m.child(m.kv_transfer_bytes_total).inc(delta["kv_transfer_bytes_total"])  # type: ignore[union-attr]
+        m.child(m.kv_transfer_reqs_total).inc(delta["kv_transfer_reqs_total"])  # type: ignore[union-attr]
+        m.child(m.num_transfer_failed_reqs_total).inc(delta["kv_transfer_failed_reqs_total"])  # type: ignore[union-attr]
+        n, secs = delta["kv_transfer_reqs_total"], delta["kv_transfer_seconds_total"]
+        if n > 0 and secs > 0:
+            m.child(m.kv_transfer_speed_gb_s).set(delta["kv_transfer_bytes_total"] / secs / 1e9)  # type: ignore[union-attr]
+            m.child(m.kv_transfer_latency_ms).set(secs / n * 1000.0)  # type: ignore[union-attr]
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

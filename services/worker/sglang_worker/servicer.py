@@ -12,6 +12,10 @@ Generate contract (what the router relies on):
 * when the client goes away (cancel, deadline, broken connection) the handler is cancelled and
   the request is aborted in the engine, which frees its KV pages;
 * ``Abort`` ends a request in flight: its stream completes with ``finish_reason.type == "abort"``.
+
+Roles: ``Generate`` is served by ``role=unified`` workers, ``Prefill`` by ``role=prefill`` and
+``Decode`` by ``role=decode`` (PD disaggregation; ``bootstrap_room`` required). Any other pairing
+is an ``error`` with code 400 and param ``role`` naming the RPC this worker serves.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from sglang.v1 import worker_pb2, worker_pb2_grpc
 logger = logging.getLogger(__name__)
 
 _KNOWN_PARAMS = set(convert.SAMPLING_FIELDS) | {
-    "input_ids", "request_id", "logprob_start_len", "top_logprobs_num", "return_logprob",
+    "input_ids", "request_id", "logprob_start_len", "top_logprobs_num", "return_logprob", "bootstrap_room",
 }
 _QUOTED = re.compile(r"'(\w+)'")
 
@@ -103,11 +107,47 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         for rid in list(self.inflight):
             self.engine.abort(rid)
 
-    # ---- Generate ---------------------------------------------------------------------------
+    # ---- Generate, Prefill, Decode -----------------------------------------------------------
     async def Generate(  # noqa: N802 - gRPC method name
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        async for msg in self._serve("unified", request, context):
+            yield msg
+
+    async def Prefill(  # noqa: N802
+        self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        async for msg in self._serve("prefill", request, context):
+            yield msg
+
+    async def Decode(  # noqa: N802
+        self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        async for msg in self._serve("decode", request, context):
+            yield msg
+
+    def _role_error(self, rid: str, wanted: str, request: worker_pb2.GenerateRequest) -> worker_pb2.GenerateResponse | None:
+        role = self.info.get("role", "unified")
+        rpc = {"unified": "Generate", "prefill": "Prefill", "decode": "Decode"}
+        if role != wanted:
+            return _error(
+                rid, 400, f"this worker has role {role!r} and serves {rpc[role]} only; {rpc[wanted]} needs a "
+                f"{wanted!r} worker", "role",
+            )
+        if wanted != "unified" and not request.HasField("bootstrap_room"):
+            return _error(rid, 400, f"bootstrap_room is required by {rpc[wanted]}", "bootstrap_room")
+        if wanted == "unified" and request.HasField("bootstrap_room"):
+            return _error(rid, 400, "bootstrap_room is only for Prefill and Decode (PD workers)", "bootstrap_room")
+        return None
+
+    async def _serve(
+        self, wanted: str, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         rid = request.request_id or uuid.uuid4().hex
+        wrong = self._role_error(rid, wanted, request)
+        if wrong is not None:
+            yield wrong
+            return
         if self.engine is None or self.draining:
             state = "draining" if self.draining else "loading its model"
             yield _error(rid, 503, f"worker is {state}; retry on another worker")
@@ -142,7 +182,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             stream = await self.engine.async_generate(
                 input_ids=inp.input_ids, sampling_params=inp.sampling_params, stream=True,
                 return_logprob=inp.return_logprob, logprob_start_len=inp.logprob_start_len,
-                top_logprobs_num=inp.top_logprobs_num, rid=rid,
+                top_logprobs_num=inp.top_logprobs_num, rid=rid, bootstrap_room=inp.bootstrap_room,
             )
         except ValueError as e:
             yield _error(rid, 400, str(e), error_param(str(e)))
@@ -179,7 +219,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 # The client went away (cancellation lands here as CancelledError) or we failed.
                 self.engine.abort(rid)
                 if self.metrics is not None:
-                    self.metrics.child(self.metrics.num_aborted_requests_total).inc()
+                    self.metrics.child(self.metrics.num_aborted_requests_total).inc()  # type: ignore[union-attr]
             await stream.aclose()
 
     def _event(self, kind: str, rid: str, inp: GenerateInput, snap: dict[str, Any], since: int) -> GenerateEvent:

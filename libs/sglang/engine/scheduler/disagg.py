@@ -12,6 +12,15 @@ reserved, publishes those pages for its room, waits in the *transfer* queue for 
 joins the running batch with ``num_computed = len(prompt)`` and the first token appended, so the
 prompt is never recomputed. A room that fails or times out frees its pages and finishes with an
 abort; so does an abort from the client.
+
+Failures never stop the scheduler: a connector error (Redis down, an incompatible decode layout,
+a refused write) fails only the request it concerns, with ``finish_reason`` abort and a message.
+A prefill request that ends any other way (client abort, KV cache full, engine shutdown) cancels
+its room, which tells the decode side at once. ``close`` releases the connector (its agent, Redis
+records and threads); the engine calls it after the scheduler thread stopped.
+
+Counters (read by ``Engine.get_stats``): ``transfer_bytes``, ``transfer_seconds``, ``transfers_ok``,
+``transfers_failed``; cumulative, the metrics exporter turns them into rates.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sglang.engine.memory import OutOfPagesError
 from sglang.engine.scheduler.request import FinishReason, Request
@@ -31,11 +40,38 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class PrefillSide:
-    def __init__(self, sender: KVSender, page_size: int, timeout_s: float) -> None:
+class _Counters:
+    """Cumulative transfer statistics of one side."""
+
+    def __init__(self) -> None:
+        self.transfer_bytes = 0
+        self.transfer_seconds = 0.0
+        self.transfers_ok = 0
+        self.transfers_failed = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "kv_transfer_bytes_total": self.transfer_bytes,
+            "kv_transfer_seconds_total": self.transfer_seconds,
+            "kv_transfer_reqs_total": self.transfers_ok,
+            "kv_transfer_failed_reqs_total": self.transfers_failed,
+        }
+
+
+class PrefillSide(_Counters):
+    def __init__(
+        self, sender: KVSender, page_size: int, timeout_s: float, chunk_delay_s: float = 0.0,
+        chunk_delay_min_prompt: int = 0,
+    ) -> None:
+        super().__init__()
         self.sender = sender
         self.page_size = page_size
         self.timeout_s = timeout_s
+        # Test hook (SGLANG_TEST_PD_CHUNK_DELAY_S, SGLANG_TEST_PD_CHUNK_DELAY_MIN_PROMPT): sleep
+        # this long on the scheduler thread after every non-final chunk sent for a prompt of at
+        # least that many tokens, to hold a request mid-transfer. 0 in production.
+        self.chunk_delay_s = chunk_delay_s
+        self.chunk_delay_min_prompt = chunk_delay_min_prompt
         self.sending: dict[int, Request] = {}  # room -> request that finished prefill, writes in flight
         self.awaiting_dest: dict[int, Request] = {}  # prefilled, decode has not published pages yet
 
@@ -50,22 +86,38 @@ class PrefillSide:
     def inflight(self) -> list[Request]:
         return list(self.sending.values()) + list(self.awaiting_dest.values())
 
-    def after_chunk(self, req: Request) -> None:
-        """Send the whole pages this chunk completed, when the destination is known."""
-        dest = self.sender.dest(req.bootstrap_room)  # type: ignore[arg-type]
-        if dest is None:
-            return
-        full = req.num_computed // self.page_size
-        if full > req.pd_sent_pages:
-            self._send(req, dest.pages, req.pd_sent_pages, full, last=False)
+    def after_chunk(self, sched: Scheduler, req: Request) -> bool:
+        """Send the whole pages this chunk completed, when the destination is known. False when
+        the request failed (it is finished with an abort)."""
+        try:
+            dest = self.sender.dest(req.bootstrap_room)  # type: ignore[arg-type]
+            if dest is None:
+                return True
+            full = req.num_computed // self.page_size
+            if full > req.pd_sent_pages:
+                self._send(req, dest.pages, req.pd_sent_pages, full, last=False)
+                if self.chunk_delay_s > 0 and len(req.prompt_ids) >= self.chunk_delay_min_prompt:
+                    time.sleep(self.chunk_delay_s)
+        except Exception as e:  # connector errors fail this request, not the scheduler
+            logger.warning("prefill %s (room %s): %s", req.rid, req.bootstrap_room, e)
+            self.transfers_failed += 1
+            sched.finish_external(req, FinishReason("abort", message=f"KV transfer failed: {e}"))
+            return False
+        return True
 
     def on_prefilled(self, sched: Scheduler, req: Request, reason: FinishReason | None) -> None:
         """First token sampled: leave the running batch and send the rest with it."""
         sched.running.remove(req)
+        room = req.bootstrap_room
+        assert room is not None
         req.pd_deadline = time.monotonic() + self.timeout_s
         req.pd_finish = reason or FinishReason("length")
-        self.awaiting_dest[req.bootstrap_room] = req  # type: ignore[index]
-        self._try_last(req)
+        self.awaiting_dest[room] = req
+        try:
+            self._try_last(req)
+        except Exception as e:
+            logger.warning("prefill %s (room %s): %s", req.rid, room, e)
+            self._fail(sched, room, req, f"KV transfer failed: {e}")
 
     def _try_last(self, req: Request) -> bool:
         room = req.bootstrap_room
@@ -98,49 +150,88 @@ class PrefillSide:
             try:
                 if self._try_last(req):
                     continue
-            except ValueError as e:
-                self._fail(sched, room, req, str(e))
+            except Exception as e:
+                self._fail(sched, room, req, f"KV transfer failed: {e}")
                 done.append(req)
                 continue
             if now > req.pd_deadline:
                 self._fail(sched, room, req, f"decode side never published pages for room {room} in {self.timeout_s}s")
                 done.append(req)
-        for room, ok, err in self.sender.poll():
+        try:
+            results = self.sender.poll()
+        except Exception as e:  # e.g. Redis unreachable for the liveness check: next step retries
+            logger.warning("KV sender poll failed: %s", e)
+            results = []
+        for room, ok, err in results:
             sent = self.sending.pop(room, None)
             if sent is None:
+                if not ok:  # failed while still prefilling (e.g. the decode side gave up)
+                    done += self._fail_prefilling(sched, room, err)
                 continue
             if ok:
                 sched.finish_external(sent, sent.pd_finish or FinishReason("length"))
             else:
+                self.transfers_failed += 1
                 sched.finish_external(sent, FinishReason("abort", message=f"KV transfer failed: {err}"))
             done.append(sent)
+        for st in self.sender.pop_stats():
+            if st.ok:
+                self.transfers_ok += 1
+                self.transfer_bytes += st.bytes
+                self.transfer_seconds += st.seconds
         for room, req in list(self.sending.items()):
             if now > req.pd_deadline + self.timeout_s:
-                self.sending.pop(room)
-                self.sender.cancel(room)
-                sched.finish_external(req, FinishReason("abort", message="KV transfer timed out"))
+                self._fail(sched, room, req, "KV transfer timed out")
                 done.append(req)
         return done
 
-    def _fail(self, sched: Scheduler, room: int, req: Request, msg: str) -> None:
+    def _fail(self, sched: Scheduler, room: int, req: Request, msg: str, count: bool = True) -> None:
         self.awaiting_dest.pop(room, None)
         self.sending.pop(room, None)
+        self.transfers_failed += count
         self.sender.cancel(room)
         sched.finish_external(req, FinishReason("abort", message=msg))
+
+    def _fail_prefilling(self, sched: Scheduler, room: int, err: str | None) -> list[Request]:
+        for req in [*sched.running, *sched.waiting]:
+            if req.bootstrap_room == room and not req.finished:
+                self.transfers_failed += 1
+                sched.finish_external(req, FinishReason("abort", message=f"KV transfer failed: {err}"))
+                return [req]
+        return []
+
+    def on_finish(self, req: Request) -> None:
+        """Any prefill request that finishes outside ``poll``'s paths (client abort while
+        prefilling, KV cache full, shutdown): cancel its room so the decode side fails it now."""
+        room = req.bootstrap_room
+        if room is not None and room not in self.sending and room not in self.awaiting_dest:
+            self.sender.cancel(room)
+
+    def abort_all(self, sched: Scheduler, message: str) -> list[Request]:
+        reqs = self.inflight
+        for req in reqs:
+            self._fail(sched, req.bootstrap_room, req, message, count=False)  # type: ignore[arg-type]
+        return reqs
+
+    def close(self) -> None:
+        self.sender.close()
 
     def abort(self, sched: Scheduler, req: Request) -> bool:
         room = req.bootstrap_room
         if room in self.awaiting_dest or room in self.sending:
-            self._fail(sched, room, req, "aborted by the client")  # type: ignore[arg-type]
+            self._fail(sched, room, req, "aborted by the client", count=False)  # type: ignore[arg-type]
             return True
         return False
 
 
-class DecodeSide:
-    def __init__(self, receiver: KVReceiver) -> None:
+class DecodeSide(_Counters):
+    def __init__(self, receiver: KVReceiver, page_bytes: int = 0) -> None:
+        super().__init__()
         self.receiver = receiver
+        self.page_bytes = page_bytes  # one page, all layers, K and V (for the bytes counter)
         self.prealloc: deque[Request] = deque()
         self.transfer: dict[int, Request] = {}
+        self._published_at: dict[int, float] = {}
 
     @property
     def inflight(self) -> list[Request]:
@@ -164,18 +255,43 @@ class DecodeSide:
                 sched.kv.release(req, keep_in_cache=False)
                 break
             self.prealloc.popleft()
-            self.receiver.publish(req.bootstrap_room, list(req.pages))  # type: ignore[arg-type]
-            self.transfer[req.bootstrap_room] = req  # type: ignore[index]
-        for res in self.receiver.poll():
+            room = req.bootstrap_room
+            assert room is not None
+            if room in self.transfer:
+                sched.finish_external(req, FinishReason("abort", message=f"bootstrap_room {room} is already in use"))
+                updated.append(req)
+                continue
+            try:
+                self.receiver.publish(room, list(req.pages))
+            except Exception as e:  # Redis down: this request fails, the scheduler goes on
+                logger.warning("decode %s: publishing room %d failed: %s", req.rid, room, e)
+                self.transfers_failed += 1
+                sched.finish_external(req, FinishReason("abort", message=f"KV transfer failed: {e}"))
+                updated.append(req)
+                continue
+            self.transfer[room] = req
+            self._published_at[room] = time.monotonic()
+        try:
+            results = self.receiver.poll()
+        except Exception as e:
+            logger.warning("KV receiver poll failed: %s", e)
+            results = []
+        for res in results:
             got = self.transfer.pop(res.room, None)
+            started = self._published_at.pop(res.room, None)
             if got is None:
                 continue
             updated.append(got)
             if not res.ok or not res.aux:
+                self.transfers_failed += 1
                 sched.finish_external(got, FinishReason("abort", message=f"KV transfer failed: {res.error}"))
                 continue
+            self.transfers_ok += 1
+            self.transfer_bytes += len(got.pages) * self.page_bytes
+            self.transfer_seconds += time.monotonic() - started if started is not None else 0.0
             got.num_computed = len(got.prompt_ids)
             got.cached_tokens = int(res.aux.get("cached_tokens") or 0)
+            got.admitted_once = True  # a later retraction recomputes here but keeps cached_tokens
             sched.admit_prefilled(got, int(res.aux["first_token"]), res.aux.get("logprob"))
         return updated
 
@@ -183,10 +299,29 @@ class DecodeSide:
         if req in self.prealloc:
             self.prealloc.remove(req)
         elif self.transfer.get(req.bootstrap_room) is req:  # type: ignore[arg-type]
-            del self.transfer[req.bootstrap_room]  # type: ignore[arg-type]
-            self.receiver.cancel(req.bootstrap_room)  # type: ignore[arg-type]
+            self._cancel(req.bootstrap_room)  # type: ignore[arg-type]
         else:
             return False
         sched.finish_external(req, FinishReason("abort", message="aborted by the client"))
         return True
+
+    def _cancel(self, room: int) -> None:
+        del self.transfer[room]
+        self._published_at.pop(room, None)
+        try:
+            self.receiver.cancel(room)
+        except Exception as e:  # the pages are freed anyway; the room key expires by TTL
+            logger.warning("cancelling room %d failed: %s", room, e)
+
+    def abort_all(self, sched: Scheduler, message: str) -> list[Request]:
+        reqs = self.inflight
+        self.prealloc.clear()
+        for room in list(self.transfer):
+            self._cancel(room)
+        for req in reqs:
+            sched.finish_external(req, FinishReason("abort", message=message))
+        return reqs
+
+    def close(self) -> None:
+        self.receiver.close()
 

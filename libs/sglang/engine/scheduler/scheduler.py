@@ -266,6 +266,7 @@ class Scheduler:
         row = 0
         sample_rows: list[int] = []
         sample_entries: list[Entry] = []
+        failed: list[Request] = []
         for e in batch.entries:
             if e.logprob_positions:
                 n = len(e.logprob_positions)
@@ -273,15 +274,17 @@ class Scheduler:
                 row += n
             e.req.num_computed = e.end
             if self.prefill_pd is not None and self.prefill_pd.owns(e.req):
-                if not e.samples:
-                    self.prefill_pd.after_chunk(e.req)  # write this chunk's pages to the decode side
+                # Write this chunk's pages to the decode side; a failed request is finished.
+                if not e.samples and not self.prefill_pd.after_chunk(self, e.req):
+                    failed.append(e.req)
+                    continue
             elif batch.mode is ForwardMode.EXTEND:
                 self.kv.cache_computed(e.req)  # in-flight prefix: later arrivals reuse it
             if e.samples:
                 sample_rows.append(row)
                 sample_entries.append(e)
                 row += 1
-        updated = [e.req for e in batch.entries if e.logprob_positions and not e.samples]
+        updated = failed + [e.req for e in batch.entries if e.logprob_positions and not e.samples and not e.req.finished]
         if sample_entries:
             reqs = [e.req for e in sample_entries]
             sb = SamplingBatch.build(
@@ -321,6 +324,8 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        if self.prefill_pd is not None and self.prefill_pd.owns(req):
+            self.prefill_pd.on_finish(req)  # not a transfer's end: cancel the room before freeing pages
         self.kv.release(req)
         req.finish_reason = reason
         req.status = Status.FINISHED
@@ -330,4 +335,6 @@ class Scheduler:
         reqs = list(self.waiting) + list(self.running)
         for r in reqs:
             self._finish(r, FinishReason("abort", message=message))
+        if self.pd is not None:
+            reqs += self.pd.abort_all(self, message)
         return reqs
