@@ -59,9 +59,9 @@ def engine_proc(role: str, gpu: int, path: str, redis_url: str, args: dict[str, 
     from sglang.engine.engine import Engine
 
     kw: dict[str, Any] = {
-        "skip_tokenizer_init": True, "load_format": "dummy", "dtype": "bfloat16", "device": "cuda",
+        "skip_tokenizer_init": True, "load_format": "dummy", "dtype": "bfloat16", "device": args["device"],
         "page_size": args["page_size"], "chunked_prefill_size": args["chunk"], "max_prefill_tokens": args["chunk"],
-        "mem_fraction_static": 0.85,
+        "mem_fraction_static": 0.85, "max_total_tokens": args["max_total_tokens"],
     }
     if role != "unified":
         kw.update(disaggregation_mode=role, kv_transfer_redis_url=redis_url, kv_transfer_agent_name=f"bench-{role}")
@@ -73,6 +73,7 @@ def engine_proc(role: str, gpu: int, path: str, redis_url: str, args: dict[str, 
             break
         ids, room = cmd
         params = {"temperature": 0, "max_new_tokens": args["new_tokens"], "ignore_eos": True}
+        before = eng.get_stats() if role == "prefill" else {}
         t0 = time.perf_counter()
         first = None
         last: dict[str, Any] = {}
@@ -82,7 +83,11 @@ def engine_proc(role: str, gpu: int, path: str, redis_url: str, args: dict[str, 
             last = chunk
         stats = []
         if role == "prefill":
-            stats = [(s.bytes, s.seconds) for s in eng._loop.call(lambda s: s.pd.sender.pop_stats())]
+            after = eng.get_stats()
+            stats = [(
+                after["kv_transfer_bytes_total"] - before["kv_transfer_bytes_total"],
+                after["kv_transfer_seconds_total"] - before["kv_transfer_seconds_total"],
+            )]
         conn.send({"ttft": first, "e2e": time.perf_counter() - t0, "ids": last.get("output_ids"), "stats": stats})
     eng.shutdown()
 
@@ -93,7 +98,8 @@ def raw_nixl(size_mb: int, conn: Any, role: str, gpu: int, meta_q: Any) -> None:
     from nixl._api import nixl_agent, nixl_agent_config
 
     agent = nixl_agent(f"raw-{role}", nixl_agent_config(backends=["UCX"]))
-    buf = torch.ones(size_mb * 2**20 // 2, dtype=torch.bfloat16, device="cuda")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    buf = torch.ones(size_mb * 2**20 // 2, dtype=torch.bfloat16, device=dev)
     agent.register_memory(buf)
     descs = agent.get_xfer_descs(buf)
     if role == "recv":
@@ -105,7 +111,8 @@ def raw_nixl(size_mb: int, conn: Any, role: str, gpu: int, meta_q: Any) -> None:
     remote = agent.deserialize_descs(peer_descs)
     times = []
     for _ in range(6):
-        torch.cuda.synchronize()
+        if dev == "cuda":
+            torch.cuda.synchronize()
         h = agent.initialize_xfer("WRITE", descs, remote, peer, b"x")
         t0 = time.perf_counter()
         agent.transfer(h)
@@ -125,13 +132,18 @@ def main() -> None:
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--raw-mb", type=int, default=512)
     ap.add_argument("--redis-url", default=None)
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the same flow (DRAM)")
+    ap.add_argument("--max-total-tokens", type=int, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     os.environ.setdefault("UCX_NET_DEVICES", "all")
     ctx = mp.get_context("spawn")
     redis_url, redis_proc = (args.redis_url, None) if args.redis_url else start_redis()
     path = model_dir(args.layers)
-    eargs = {"page_size": args.page_size, "chunk": max(8192, args.prompt_len), "new_tokens": args.new_tokens}
+    eargs = {
+        "page_size": args.page_size, "chunk": max(8192, args.prompt_len), "new_tokens": args.new_tokens,
+        "device": args.device, "max_total_tokens": args.max_total_tokens,
+    }
     try:
         # Raw NIXL first, while the GPUs are empty.
         q = ctx.Queue()

@@ -181,16 +181,37 @@ class NixlKVSender(KVSender):
         idx = np.arange(self.num_buffers, dtype=np.int64)[:, None] * blocks + p[None, :]
         return np.ascontiguousarray(idx.ravel(), dtype=np.int32)
 
+    def _coalesced_xfer(self, peer_name: str, rec: Any, runs: list[tuple[int, int, int]], notif: bytes) -> Any:
+        pb = self.kv.page_bytes
+        local_bases = [t.data_ptr() for t in self.kv.tensors]
+        local = np.array(
+            [(base + s * pb, n * pb, self.kv.device_id) for base in local_bases for s, _, n in runs], dtype=np.uint64
+        )
+        remote = np.array(
+            [(base + d * pb, n * pb, rec.device_id) for base in rec.buffers for _, d, n in runs], dtype=np.uint64
+        )
+        agent = self.kv.agent
+        return agent.initialize_xfer(
+            "WRITE", agent.get_xfer_descs(local, self.kv.mem_type), agent.get_xfer_descs(remote, rec.mem_type),
+            peer_name, notif,
+        )
+
     def _post(self, room: int, r: _Room, src: list[int], dst: list[int], chunk: int, notif: bytes) -> None:
         peer = self.kv.peers.get(r.peer)
         if peer is None or peer.dlist is None:
             r.error = f"decode agent {r.peer} was forgotten"
             return
         try:
-            h = self.kv.agent.make_prepped_xfer(
-                "WRITE", self.kv.local_dlist(), self._indices(src, self.kv.blocks),
-                peer.dlist, self._indices(dst, peer.record.num_pages + 1), notif,
-            )
+            runs = _runs(src, dst)
+            if 2 * len(runs) <= len(src):
+                # Consecutive pages on both sides: one descriptor per run and buffer instead of
+                # one per page (fewer, larger writes run much closer to the link's bandwidth).
+                h = self._coalesced_xfer(r.peer, peer.record, runs, notif)
+            else:
+                h = self.kv.agent.make_prepped_xfer(
+                    "WRITE", self.kv.local_dlist(), self._indices(src, self.kv.blocks),
+                    peer.dlist, self._indices(dst, peer.record.num_pages + 1), notif,
+                )
             state = self.kv.agent.transfer(h)
         except Exception as e:  # nixl raises its bindings' error classes
             r.error = f"posting the write of chunk {chunk} to {r.peer} failed: {e}"
@@ -310,3 +331,17 @@ class NixlKVSender(KVSender):
             self.kv.close()
         except redis.RedisError as e:
             logger.warning("kv_transfer: close: %s", e)
+
+
+def _runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
+    """``(src_start, dst_start, length)`` of maximal runs where both page lists are consecutive."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst, strict=True):
+        if runs:
+            s0, d0, n = runs[-1]
+            if s == s0 + n and d == d0 + n:
+                runs[-1] = (s0, d0, n + 1)
+                continue
+        runs.append((s, d, 1))
+    return runs
+

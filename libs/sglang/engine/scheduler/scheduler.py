@@ -108,6 +108,11 @@ class Scheduler:
     def step(self) -> list[Request]:
         """Run one step; return requests with new output (finished ones included)."""
         updated = self.pd.poll(self) if self.pd is not None else []
+        if updated:
+            # Hand these out before the next forward: on a decode worker the first token arrived
+            # with the KV, and holding it back for a decode step would add that step to TTFT.
+            self.idle = False
+            return updated
         batch = self.schedule()
         self.idle = batch is None
         if batch is None:
