@@ -253,7 +253,7 @@ def test_parent_becomes_leaf_and_competes_with_its_own_priority() -> None:
 
 
 def test_custom_policy_through_registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(eviction_mod._POLICIES, "mru", f"{__name__}:MRUPolicy")
+    monkeypatch.setitem(eviction_mod._POLICIES._entries, "mru", f"{__name__}:MRUPolicy")
     assert isinstance(create_policy("mru"), MRUPolicy)
     alloc, cache = _three_leaves("mru")
     assert cache.evict(6) == [4, 3, 6, 5, 2, 1]  # most recent first: B, C, A

@@ -210,7 +210,7 @@ def test_cache_aware_without_tree_sizes_breaks_ties_by_rendezvous_hash() -> None
 
 
 def test_registry_builds_each_policy_lazily_by_name() -> None:
-    assert set(POLICIES) == {"round_robin", "power_of_two", "cache_aware"}
+    assert set(POLICIES.names()) == {"round_robin", "power_of_two", "cache_aware"}
     assert policy_class("round_robin") is RoundRobinPolicy
     assert isinstance(create_policy(RouterSettings(policy="power_of_two", seed=1)), PowerOfTwoPolicy)
     p = create_policy(RouterSettings(policy="cache_aware", max_tree_size=77, cache_threshold=0.5))

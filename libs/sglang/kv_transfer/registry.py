@@ -3,40 +3,32 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from sglang.kv_transfer.base import KVReceiver, KVSender
+from sglang.utils.registry import LazyRegistry
 
-# name -> ("module:SenderClass", "module:ReceiverClass")
-_CONNECTORS: dict[str, tuple[str, str]] = {
-    "nixl": ("sglang.kv_transfer.nixl:NixlKVSender", "sglang.kv_transfer.nixl:NixlKVReceiver"),
-}
+_SENDERS: LazyRegistry[KVSender] = LazyRegistry("KV connector", {"nixl": "sglang.kv_transfer.nixl:NixlKVSender"})
+_RECEIVERS: LazyRegistry[KVReceiver] = LazyRegistry(
+    "KV connector", {"nixl": "sglang.kv_transfer.nixl:NixlKVReceiver"}
+)
 
 
 def register_connector(name: str, sender: str, receiver: str) -> None:
     """Register ``name`` -> ``("module:Sender", "module:Receiver")`` (imported on first use)."""
-    _CONNECTORS[name] = (sender, receiver)
+    _SENDERS.register(name, sender)
+    _RECEIVERS.register(name, receiver)
 
 
 def available_connectors() -> list[str]:
-    return sorted(_CONNECTORS)
-
-
-def _load(name: str, which: int) -> Any:
-    if name not in _CONNECTORS:
-        raise ValueError(f"unknown KV connector {name!r}; choose one of {available_connectors()}")
-    module, cls = _CONNECTORS[name][which].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return _SENDERS.names()
 
 
 def create_sender(name: str = "nixl", **kwargs: Any) -> KVSender:
     """Prefill side: ``create_sender("nixl", kv_pool=..., layout=..., agent_name=..., redis_url=...)``."""
-    sender: KVSender = _load(name, 0)(**kwargs)
-    return sender
+    return _SENDERS.create(name, **kwargs)
 
 
 def create_receiver(name: str = "nixl", **kwargs: Any) -> KVReceiver:
     """Decode side, same arguments as ``create_sender``."""
-    receiver: KVReceiver = _load(name, 1)(**kwargs)
-    return receiver
+    return _RECEIVERS.create(name, **kwargs)

@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from sglang.engine.attention.base import AttentionBackend
+from sglang.utils.registry import LazyRegistry
 
-_BACKENDS: dict[str, str] = {
-    "torch_native": "sglang.engine.attention.torch_native:TorchNativeBackend",
-}
+BACKENDS: LazyRegistry[AttentionBackend] = LazyRegistry(
+    "attention_backend", {"torch_native": "sglang.engine.attention.torch_native:TorchNativeBackend"}
+)
 
 
 def register_backend(name: str, target: str) -> None:
     """Register ``name`` -> ``"module:Class"``."""
-    _BACKENDS[name] = target
+    BACKENDS.register(name, target)
 
 
 def available_backends() -> list[str]:
-    return sorted(_BACKENDS)
+    return BACKENDS.names()
 
 
 def create_backend(name: str, **kwargs: Any) -> AttentionBackend:
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown attention_backend {name!r}; choose one of {available_backends()}")
-    module, cls = _BACKENDS[name].split(":")
-    backend_cls = getattr(importlib.import_module(module), cls)
-    backend: AttentionBackend = backend_cls(**kwargs)
-    return backend
+    return BACKENDS.create(name, **kwargs)

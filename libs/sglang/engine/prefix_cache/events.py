@@ -24,7 +24,6 @@ starting at 0) and a wall-clock ``ts``, like vLLM's ``EventBatch``.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
 import struct
 import time
@@ -33,6 +32,8 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from sglang.utils.registry import LazyRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -204,23 +205,19 @@ class InProcessPublisher(KVEventPublisher):
         return out
 
 
-_PUBLISHERS: dict[str, str] = {
-    "in_process": "sglang.engine.prefix_cache.events:InProcessPublisher",
-}
+_PUBLISHERS: LazyRegistry[KVEventPublisher] = LazyRegistry(
+    "KV event publisher", {"in_process": "sglang.engine.prefix_cache.events:InProcessPublisher"}
+)
 
 
 def register_publisher(name: str, target: str) -> None:
     """Register ``name`` -> ``"module:Class"`` (imported only when created)."""
-    _PUBLISHERS[name] = target
+    _PUBLISHERS.register(name, target)
 
 
 def available_publishers() -> list[str]:
-    return sorted(_PUBLISHERS)
+    return _PUBLISHERS.names()
 
 
 def create_publisher(name: str, **kwargs: Any) -> KVEventPublisher:
-    if name not in _PUBLISHERS:
-        raise ValueError(f"unknown KV event publisher {name!r}; choose one of {available_publishers()}")
-    module, cls = _PUBLISHERS[name].split(":")
-    publisher: KVEventPublisher = getattr(importlib.import_module(module), cls)(**kwargs)
-    return publisher
+    return _PUBLISHERS.create(name, **kwargs)

@@ -7,9 +7,10 @@ is unique per node and every built-in order is total and deterministic.
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from sglang.utils.registry import LazyRegistry
 
 if TYPE_CHECKING:
     from sglang.engine.prefix_cache.radix_cache import TreeNode
@@ -48,24 +49,20 @@ class LFUPolicy(EvictionPolicy):
         return (node.hit_count, node.last_access)
 
 
-_POLICIES: dict[str, str] = {
-    "lru": "sglang.engine.prefix_cache.eviction:LRUPolicy",
-    "lfu": "sglang.engine.prefix_cache.eviction:LFUPolicy",
-}
+_POLICIES: LazyRegistry[EvictionPolicy] = LazyRegistry(
+    "eviction_policy",
+    {"lru": "sglang.engine.prefix_cache.eviction:LRUPolicy", "lfu": "sglang.engine.prefix_cache.eviction:LFUPolicy"},
+)
 
 
 def register_policy(name: str, target: str) -> None:
     """Register ``name`` -> ``"module:Class"`` (the module is imported only when the policy is made)."""
-    _POLICIES[name] = target
+    _POLICIES.register(name, target)
 
 
 def available_policies() -> list[str]:
-    return sorted(_POLICIES)
+    return _POLICIES.names()
 
 
 def create_policy(name: str, **kwargs: Any) -> EvictionPolicy:
-    if name not in _POLICIES:
-        raise ValueError(f"unknown eviction_policy {name!r}; choose one of {available_policies()}")
-    module, cls = _POLICIES[name].split(":")
-    policy: EvictionPolicy = getattr(importlib.import_module(module), cls)(**kwargs)
-    return policy
+    return _POLICIES.create(name, **kwargs)

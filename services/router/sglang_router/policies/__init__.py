@@ -7,8 +7,9 @@ and one line in ``POLICIES``.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from sglang.utils.registry import LazyRegistry
 
 from sglang_router.policies.base import RoutingPolicy, Selection, WorkerView
 
@@ -16,23 +17,20 @@ if TYPE_CHECKING:
     import redis.asyncio as aioredis
     from sglang.settings.router import RouterSettings
 
-POLICIES: dict[str, str] = {
-    "round_robin": "sglang_router.policies.round_robin:RoundRobinPolicy",
-    "power_of_two": "sglang_router.policies.power_of_two:PowerOfTwoPolicy",
-    "cache_aware": "sglang_router.policies.cache_aware:CacheAwarePolicy",
-}
+POLICIES: LazyRegistry[RoutingPolicy] = LazyRegistry(
+    "routing policy",
+    {
+        "round_robin": "sglang_router.policies.round_robin:RoundRobinPolicy",
+        "power_of_two": "sglang_router.policies.power_of_two:PowerOfTwoPolicy",
+        "cache_aware": "sglang_router.policies.cache_aware:CacheAwarePolicy",
+    },
+)
 
 __all__ = ["POLICIES", "RoutingPolicy", "Selection", "WorkerView", "create_policy", "policy_class"]
 
 
 def policy_class(name: str) -> type[RoutingPolicy]:
-    try:
-        target = POLICIES[name]
-    except KeyError:
-        raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICIES)}") from None
-    module, _, attr = target.partition(":")
-    cls: type[RoutingPolicy] = getattr(importlib.import_module(module), attr)
-    return cls
+    return POLICIES.load(name)
 
 
 def create_policy(settings: RouterSettings, redis: aioredis.Redis | None = None) -> RoutingPolicy:

@@ -1,0 +1,1 @@
+"""Small shared mechanisms (no project imports)."""
