@@ -141,7 +141,7 @@ def test_verify_rejects_and_names_parameter(field: str, value: Any, needle: str)
 
 
 def test_verify_accepts_boundaries() -> None:
-    SamplingParams(
+    assert SamplingParams(
         max_new_tokens=0,
         temperature=0.0,
         top_p=1.0,
@@ -152,8 +152,8 @@ def test_verify_accepts_boundaries() -> None:
         repetition_penalty=0.01,
         stop_token_ids=[0, VOCAB - 1],
         logit_bias={"0": -100.0, VOCAB - 1: 100.0},
-    ).verify(VOCAB)
-    SamplingParams(max_new_tokens=5, min_new_tokens=5, top_k=-1, min_p=0.0).verify(VOCAB)
+    ).verify(VOCAB) is None
+    assert SamplingParams(max_new_tokens=5, min_new_tokens=5, top_k=-1, min_p=0.0).verify(VOCAB) is None
 
 
 def test_at_most_one_grammar() -> None:
