@@ -392,6 +392,12 @@ def _worker_metric(workers: list[WorkerProc], name: str) -> float:
 def test_client_disconnect_aborts_the_request_on_the_worker(
     router: RouterProc, workers: list[WorkerProc], model_name: str, stream: bool
 ) -> None:
+    # Start from idle workers, so "a worker runs it" below means this request and not a leftover
+    # of an earlier test (the router cancels a request it has not dispatched without any abort).
+    deadline = time.monotonic() + 20
+    while _worker_metric(workers, "sglang:num_running_reqs") > 0:
+        assert time.monotonic() < deadline, "workers never went idle"
+        time.sleep(0.05)
     aborted = _worker_metric(workers, "sglang:num_aborted_requests_total")
     u = urllib.parse.urlsplit(router.url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
@@ -407,7 +413,7 @@ def test_client_disconnect_aborts_the_request_on_the_worker(
             assert time.monotonic() < deadline, "the request never reached a worker"
             time.sleep(0.01)
     conn.close()  # the client goes away
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 20
     while _worker_metric(workers, "sglang:num_aborted_requests_total") < aborted + 1:
         assert time.monotonic() < deadline, "the worker never aborted the request"
         time.sleep(0.05)
