@@ -85,7 +85,9 @@ class HttpApi:
 
     async def start(self) -> None:
         self._runner = web.AppRunner(
-            self.app, handler_cancellation=True, access_log=None, shutdown_timeout=self.settings.drain_timeout_s
+            # In-flight requests are drained by the router itself before cleanup; what aiohttp still
+            # holds then is idle keep-alive connections, which must not delay the exit.
+            self.app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0,
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.host, self.settings.port, reuse_address=True)
