@@ -20,6 +20,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
+
+from typing_extensions import Self
 
 REPO = Path(__file__).resolve().parents[2]
 READY = re.compile(r"^sglang_worker ready grpc=(?P<grpc>\S+) metrics=(?P<metrics>\S+) worker_id=(?P<worker_id>\S+)")
@@ -49,45 +52,46 @@ def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 @dataclass
-class WorkerProc:
+class ServiceProc:
+    """A service subprocess whose stdout carries one readiness line (``READY``, parsed by
+    ``_on_ready``). Shared by the worker and router test helpers."""
+
     proc: subprocess.Popen[str]
     stderr_path: str
-    addr: str = ""
-    metrics_addr: str = ""  # "" when metrics are off
-    worker_id: str = ""
     stdout_lines: list[str] = field(default_factory=list)
     _ready: threading.Event = field(default_factory=threading.Event)
+
+    SERVICE: ClassVar[str] = "service"
+    READY: ClassVar[re.Pattern[str]]
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    @property
-    def port(self) -> int:
-        return int(self.addr.rsplit(":", 1)[1])
+    def _on_ready(self, m: re.Match[str]) -> None:
+        raise NotImplementedError
 
     def _read_stdout(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.stdout_lines.append(line.rstrip("\n"))
-            m = READY.match(line)
+            m = self.READY.match(line)
             if m and not self._ready.is_set():
-                self.addr, self.worker_id = m["grpc"], m["worker_id"]
-                self.metrics_addr = "" if m["metrics"] == "off" else m["metrics"]
+                self._on_ready(m)
                 self._ready.set()
 
     def stderr_tail(self, chars: int = 4000) -> str:
         with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
             return f.read()[-chars:]
 
-    def wait_ready(self, timeout_s: float = 60.0) -> WorkerProc:
+    def wait_ready(self, timeout_s: float = 60.0) -> Self:
         deadline = time.monotonic() + timeout_s
         while not self._ready.wait(0.05):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 why = f"exited with {self.proc.returncode}" if self.proc.poll() is not None else "timed out"
                 tail = self.stderr_tail()
                 self.stop(timeout_s=5)
-                raise RuntimeError(f"worker {why} before its readiness line; stderr:\n{tail}")
+                raise RuntimeError(f"{self.SERVICE} {why} before its readiness line; stderr:\n{tail}")
         return self
 
     def terminate(self) -> None:
@@ -105,7 +109,7 @@ class WorkerProc:
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout_s``; always reaps the process and removes its log
-        (set ``SGLANG_KEEP_TEST_LOGS=1`` to keep it)."""
+        (set ``SGLANG_KEEP_TEST_LOGS=1`` to keep it). The exit status, None when it had to be killed."""
         self.terminate()
         try:
             return self.proc.wait(timeout=timeout_s)
@@ -117,18 +121,41 @@ class WorkerProc:
                 with contextlib.suppress(OSError):
                     os.remove(self.stderr_path)
 
+    @classmethod
+    def spawn(cls, module: str, argv: list[str], env: dict[str, str], wait: bool, timeout_s: float) -> Self:
+        """Start ``python -m module *argv`` with stderr in a temp log and stdout watched."""
+        fd, stderr_path = tempfile.mkstemp(prefix=f"sglang-{cls.SERVICE}-", suffix=".log")
+        with os.fdopen(fd, "w") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", module, *argv],
+                stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, text=True, env=env, cwd=str(REPO),
+            )
+        p = cls(proc=proc, stderr_path=stderr_path)
+        threading.Thread(target=p._read_stdout, name=f"{cls.SERVICE}-{proc.pid}-stdout", daemon=True).start()
+        return p.wait_ready(timeout_s) if wait else p
+
+
+@dataclass
+class WorkerProc(ServiceProc):
+    addr: str = ""
+    metrics_addr: str = ""  # "" when metrics are off
+    worker_id: str = ""
+
+    SERVICE: ClassVar[str] = "worker"
+    READY: ClassVar[re.Pattern[str]] = READY
+
+    @property
+    def port(self) -> int:
+        return int(self.addr.rsplit(":", 1)[1])
+
+    def _on_ready(self, m: re.Match[str]) -> None:
+        self.addr, self.worker_id = m["grpc"], m["worker_id"]
+        self.metrics_addr = "" if m["metrics"] == "off" else m["metrics"]
+
 
 def spawn_worker(
     args: list[str], env: dict[str, str] | None = None, wait: bool = True, timeout_s: float = 60.0
 ) -> WorkerProc:
     """Start ``python -m sglang_worker --host 127.0.0.1 --port 0 *args``."""
-    fd, stderr_path = tempfile.mkstemp(prefix="sglang-worker-", suffix=".log")
-    with os.fdopen(fd, "w") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sglang_worker", "--host", "127.0.0.1", "--port", "0", *args],
-            stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, text=True,
-            env=worker_env(env), cwd=str(REPO),
-        )
-    w = WorkerProc(proc=proc, stderr_path=stderr_path)
-    threading.Thread(target=w._read_stdout, name=f"worker-{proc.pid}-stdout", daemon=True).start()
-    return w.wait_ready(timeout_s) if wait else w
+    argv = ["--host", "127.0.0.1", "--port", "0", *args]
+    return WorkerProc.spawn("sglang_worker", argv, worker_env(env), wait, timeout_s)

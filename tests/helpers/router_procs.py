@@ -13,17 +13,13 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from tests.helpers.procs import REPO, worker_env
+from tests.helpers.procs import REPO, ServiceProc, worker_env
 
 READY = re.compile(r"^sglang_router ready http=(?P<http>\S+) grpc=(?P<grpc>\S+)")
 
@@ -51,37 +47,19 @@ def http_json(url: str, body: Any = None, headers: dict[str, str] | None = None,
 
 
 @dataclass
-class RouterProc:
-    proc: subprocess.Popen[str]
-    stderr_path: str
+class RouterProc(ServiceProc):
     url: str = ""  # http://127.0.0.1:PORT
     grpc_addr: str = ""
-    stdout_lines: list[str] = field(default_factory=list)
-    _ready: threading.Event = field(default_factory=threading.Event)
     _terminated: bool = False
 
-    def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.stdout_lines.append(line.rstrip("\n"))
-            m = READY.match(line)
-            if m and not self._ready.is_set():
-                self.url, self.grpc_addr = m["http"], m["grpc"]
-                self._ready.set()
+    SERVICE: ClassVar[str] = "router"
+    READY: ClassVar[re.Pattern[str]] = READY
 
-    def stderr_tail(self, chars: int = 4000) -> str:
-        with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
-            return f.read()[-chars:]
+    def _on_ready(self, m: re.Match[str]) -> None:
+        self.url, self.grpc_addr = m["http"], m["grpc"]
 
     def wait_ready(self, timeout_s: float = 30.0) -> RouterProc:
-        deadline = time.monotonic() + timeout_s
-        while not self._ready.wait(0.05):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                why = f"exited with {self.proc.returncode}" if self.proc.poll() is not None else "timed out"
-                tail = self.stderr_tail()
-                self.stop(timeout_s=5)
-                raise RuntimeError(f"router {why} before its readiness line; stderr:\n{tail}")
-        return self
+        return super().wait_ready(timeout_s)
 
     def health(self) -> tuple[int, Any]:
         status, body, _ = http_json(self.url + "/health", timeout_s=5)
@@ -111,20 +89,6 @@ class RouterProc:
             self._terminated = True
             self.proc.send_signal(signal.SIGTERM)
 
-    def stop(self, timeout_s: float = 15.0) -> int | None:
-        """SIGTERM, then SIGKILL after ``timeout_s``; the exit status (None when it had to be killed)."""
-        self.terminate()
-        try:
-            return self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            return None
-        finally:
-            if not os.environ.get("SGLANG_KEEP_TEST_LOGS"):
-                with contextlib.suppress(OSError):
-                    os.remove(self.stderr_path)
-
 
 def metric_value(text: str, name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` whose labels include ``labels`` (0 when none)."""
@@ -142,13 +106,5 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 
 def spawn_router(args: list[str], env: dict[str, str] | None = None, wait: bool = True, timeout_s: float = 30.0) -> RouterProc:
-    fd, stderr_path = tempfile.mkstemp(prefix="sglang-router-", suffix=".log")
-    with os.fdopen(fd, "w") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sglang_router", "--host", "127.0.0.1", "--port", "0", "--grpc-port", "-1", *args],
-            stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, text=True,
-            env=router_env(env), cwd=str(REPO),
-        )
-    r = RouterProc(proc=proc, stderr_path=stderr_path)
-    threading.Thread(target=r._read_stdout, name=f"router-{proc.pid}-stdout", daemon=True).start()
-    return r.wait_ready(timeout_s) if wait else r
+    argv = ["--host", "127.0.0.1", "--port", "0", "--grpc-port", "-1", *args]
+    return RouterProc.spawn("sglang_router", argv, router_env(env), wait, timeout_s)
