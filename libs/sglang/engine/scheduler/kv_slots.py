@@ -50,14 +50,23 @@ class KVSlots:
         if self.cache is None:
             return 0
         # Read-only: ranking and peeking must not count as cache hits or reorder eviction.
-        return self.cache.peek_prefix_len(req.tokens(0, req.num_known - 1), req.extra_key)
+        return self.cache.peek_prefix_len(self._matchable(req), req.extra_key)
+
+    @staticmethod
+    def _matchable(req: Request) -> list[int]:
+        """Tokens the cache may serve: all but the last known one, and none at or after the first
+        prompt position whose logits the request still needs for its prompt logprobs."""
+        end = req.num_known - 1
+        if req.wants_prompt_logprobs:
+            end = min(end, req.prompt_logprobs_done - 1)
+        return req.tokens(0, end)
 
     def attach_prefix(self, req: Request) -> int:
         """Pin the longest cached prefix of a request that holds no KV; returns its token count."""
         assert not req.pages and req.num_computed == 0
         if self.cache is None:
             return 0
-        m = self.cache.match_prefix(req.tokens(0, req.num_known - 1), req.extra_key)
+        m = self.cache.match_prefix(self._matchable(req), req.extra_key)
         if not m.pages:
             return 0
         self.cache.lock(m.node)
