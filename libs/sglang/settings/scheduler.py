@@ -30,8 +30,9 @@ class SchedulerSettings(BaseSettings):
     """Fraction of each running request's remaining max_new_tokens reserved at admission, so that
     admission does not immediately force retraction."""
 
-    attention_backend: str = Field(default="torch_native", min_length=1)
-    """Attention backend name from the registry."""
+    attention_backend: str = Field(default="auto", min_length=1)
+    """Attention backend name from the registry (``torch_native``, ``triton``), or ``auto``:
+    ``triton`` on a CUDA device when triton is installed, else ``torch_native``."""
 
     check_integrity_when_idle: bool = True
     """Run the allocator's ``check_integrity()`` each time the engine goes idle."""

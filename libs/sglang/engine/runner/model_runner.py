@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from sglang.engine.attention import create_backend
+from sglang.engine.attention import create_backend, resolve_backend_name
 from sglang.engine.memory import KVPool, PageAllocator, ReqToTokenPool
 from sglang.engine.models.loader import load_model, resolve_device
 from sglang.engine.runner.forward_batch import ForwardBatch, ForwardMode
@@ -65,7 +65,7 @@ class ModelRunner:
         self.allocator = PageAllocator(num_pages, self.page_size)
         max_ctx = -(-self.context_length // self.page_size) * self.page_size
         self.req_to_token = ReqToTokenPool(sched.max_running_requests + 1, max_ctx, self.device)
-        self.attn_backend = create_backend(sched.attention_backend)
+        self.attn_backend = create_backend(resolve_backend_name(sched.attention_backend, self.device))
         logger.info(
             "KV pool: %d pages x %d tokens (%.1f MiB, %s) on %s",
             num_pages, self.page_size, self.kv_pool.nbytes / 2**20, kv_dtype, self.device,

@@ -1,0 +1,121 @@
+"""Triton attention backend: split-K decode and tiled extend kernels over the paged KV pool."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from sglang.engine.attention.base import AttentionBackend, AttentionLayerSpec
+from sglang.engine.attention.triton.common import interpreting
+from sglang.engine.attention.triton.decode import decode_attention, decode_scratch
+from sglang.engine.attention.triton.extend import extend_attention, extend_tiles
+
+if TYPE_CHECKING:
+    from sglang.engine.runner.forward_batch import ForwardBatch
+
+
+@dataclass
+class _ExtendMeta:
+    rows: list[int]
+    tiles: dict[int, torch.Tensor] = field(default_factory=dict)  # GQA group -> extend_tiles(...)
+
+
+class TritonBackend(AttentionBackend):
+    """Attention with our own Triton kernels; GPU only (or the Triton CPU interpreter in tests).
+
+    Decode (one token per request) runs a split-K kernel: ``num_kv_splits`` programs per
+    (request, KV head) each reduce a slice of the context, a second kernel merges the slices.
+    Extend runs a causal tiled kernel over prefix + new tokens. Both gather K/V by slot through
+    ``req_to_token``, so any page size works, and both honour ``layer.sliding_window``.
+
+    CUDA-graph contract (DECODE mode only):
+
+    * Before capture, call ``init_cuda_graph_state(max_bs, num_heads, head_dim, device)`` once.
+      It allocates the split-K scratch for up to ``max_bs`` requests; later decode batches of at
+      most ``max_bs`` requests reuse it and allocate nothing else persistent.
+    * ``init_forward_metadata(batch)`` for a decode batch does no device work and reads no host
+      lists; ``forward`` launches kernels whose grids depend only on the batch size, reading
+      ``batch.req_pool_indices``, ``batch.seq_lens``, ``batch.out_cache_loc`` and
+      ``batch.req_to_token.table`` on the device (no ``.item()``/``.tolist()``/``.cpu()``).
+      So capture ``forward`` with a batch built on static tensors; before each replay copy the new
+      values into those tensors (nothing needs re-running on the host). Padding entries may use
+      ``seq_len`` 0 (their output is zeros) with any valid table row and slot 0 as their
+      ``out_cache_loc``.
+    * Growing the scratch during capture raises: size ``max_bs`` for the largest captured batch.
+
+    Extend batches use host metadata (the length lists) and are not meant to be captured.
+    """
+
+    name = "triton"
+
+    def __init__(self, num_kv_splits: int = 16, **_: object) -> None:
+        if num_kv_splits < 1 or num_kv_splits & (num_kv_splits - 1):
+            raise ValueError(f"num_kv_splits must be a power of two, got {num_kv_splits}")
+        self.num_kv_splits = num_kv_splits
+        # (num_heads, head_dim) -> (mid_o [cap, H, S, D], mid_lse [cap, H, S]) float32
+        self._scratch: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._max_bs = 0
+
+    def init_cuda_graph_state(self, max_bs: int, num_heads: int, head_dim: int, device: torch.device | str) -> None:
+        """Preallocate the decode scratch for up to ``max_bs`` requests (call before capture)."""
+        self._max_bs = max(self._max_bs, max_bs)
+        self._scratch[(num_heads, head_dim)] = decode_scratch(
+            self._max_bs, num_heads, head_dim, self.num_kv_splits, torch.device(device)
+        )
+
+    def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        if batch.is_decode:
+            batch.attn_metadata = None  # decode reads the batch's own device tensors
+            return
+        batch.attn_metadata = _ExtendMeta(rows=batch.req_pool_indices.tolist())
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: AttentionLayerSpec,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:
+        h, kvh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+        t = q.shape[0]
+        if q.device.type != "cuda" and not interpreting():
+            raise RuntimeError("the triton attention backend needs CUDA tensors; use 'torch_native' on CPU")
+        batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k.view(t, kvh, d), v.view(t, kvh, d))
+        k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
+        q3 = q.view(t, h, d)
+        table = batch.req_to_token.table
+        if batch.is_decode:
+            scratch = self._decode_scratch(t, h, d, q.device)
+            out = decode_attention(
+                q3, k_buf, v_buf, table, batch.req_pool_indices, batch.seq_lens, scratch,
+                layer.scaling, layer.sliding_window,
+            )
+        else:
+            meta: _ExtendMeta = batch.attn_metadata
+            group = h // kvh
+            tiles = meta.tiles.get(group)
+            if tiles is None:
+                tiles = extend_tiles(meta.rows, batch.prefix_lens_cpu, batch.extend_lens_cpu, group, q.device)
+                meta.tiles[group] = tiles
+            out = extend_attention(q3, k_buf, v_buf, table, tiles, layer.scaling, layer.sliding_window)
+        return out.view(t, h * d)
+
+    def _decode_scratch(
+        self, bs: int, num_heads: int, head_dim: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (num_heads, head_dim)
+        cur = self._scratch.get(key)
+        if cur is not None and cur[0].shape[0] >= bs and cur[0].device == device:
+            return cur
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"decode scratch for batch size {bs} (heads {num_heads}, head_dim {head_dim}) was not "
+                "preallocated; call init_cuda_graph_state(max_bs, num_heads, head_dim, device) before capture"
+            )
+        self._max_bs = max(self._max_bs, bs)
+        cur = decode_scratch(self._max_bs, num_heads, head_dim, self.num_kv_splits, device)
+        self._scratch[key] = cur
+        return cur

@@ -1,0 +1,111 @@
+"""Helpers shared by the Triton decode and extend kernels' launchers."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+NO_WINDOW = 1 << 30  # the window kernels use for full attention
+NEG = -1.0e30  # finite "minus infinity" for running maxima (exp2 of empty rows gives 0, not NaN)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``).
+
+    Kernels then take a ``while`` loop instead of ``for ... in range(lo, hi)`` over loaded bounds:
+    the interpreter's scalars are 1-element arrays, which numpy >= 2.4 refuses to ``__index__``.
+    On the GPU the ``for`` form is kept because only it is software-pipelined."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dot_in_fp32(dtype: torch.dtype) -> bool:
+    """Whether the kernels upcast dot operands to float32 and multiply in IEEE precision.
+
+    float32 models need it (TF32 would cost ~1e-3 relative error); the interpreter needs it for
+    every dtype because numpy has no bfloat16 matmul.
+    """
+    return dtype == torch.float32 or interpreting()
+
+
+def block_d(head_dim: int) -> int:
+    """Power-of-two register block for ``head_dim`` (lanes past ``head_dim`` are masked)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+@triton.jit
+def attend_tile(
+    q, m_i, l_i, acc, table_row, offs_n, n_mask, score_mask, k_base, v_base, stride_kbs, stride_vbs,
+    offs_d, d_mask, qk_scale, DOT_FP32: tl.constexpr,
+):
+    """One online-softmax step of query rows ``q`` ``[R, BLOCK_D]`` over the keys at positions
+    ``offs_n`` ``[BLOCK_N]``, gathered by slot from ``table_row``. ``n_mask`` says which positions
+    exist, ``score_mask`` ``[R, BLOCK_N]`` which (row, key) pairs attend. Scores are in base 2
+    (``qk_scale`` includes log2 e); running maxima start finite so fully masked rows stay at 0."""
+    slots = tl.load(table_row + offs_n, mask=n_mask, other=0).to(tl.int64)
+    k = tl.load(
+        k_base + slots[None, :] * stride_kbs + offs_d[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0
+    ).to(q.dtype)  # [BLOCK_D, BLOCK_N]
+    if DOT_FP32:
+        s = tl.dot(q, k, input_precision="ieee")
+    else:
+        s = tl.dot(q, k)
+    s = tl.where(score_mask, s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(
+        v_base + slots[:, None] * stride_vbs + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0
+    )  # [BLOCK_N, BLOCK_D]
+    if DOT_FP32:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _attend_step(
+    q, m_i, l_i, acc, n0, hi, q_pos, r_mask, window, table_row, k_base, v_base, stride_kbs, stride_vbs,
+    offs_d, d_mask, qk_scale, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < hi
+    seen = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] > q_pos[:, None] - window)
+    return attend_tile(
+        q, m_i, l_i, acc, table_row, offs_n, n_mask, seen & n_mask[None, :] & r_mask[:, None],
+        k_base, v_base, stride_kbs, stride_vbs, offs_d, d_mask, qk_scale, DOT_FP32,
+    )
+
+
+@triton.jit
+def attend_range(
+    q, q_pos, r_mask, lo, hi, window, table_row, k_base, v_base, stride_kbs, stride_vbs, offs_d, d_mask, qk_scale,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    """Online softmax of query rows ``q`` (at positions ``q_pos``, valid where ``r_mask``) over the
+    key positions ``lo .. hi``: causal, and limited to the last ``window`` tokens of each row.
+    Returns the running max, sum and unnormalised output ``(m [R], l [R], acc [R, BLOCK_D])``."""
+    m_i = tl.full([ROWS], NEG, tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    if INTERP:
+        n0 = lo
+        while n0 < hi:
+            m_i, l_i, acc = _attend_step(
+                q, m_i, l_i, acc, n0, hi, q_pos, r_mask, window, table_row, k_base, v_base, stride_kbs,
+                stride_vbs, offs_d, d_mask, qk_scale, BLOCK_N, DOT_FP32,
+            )
+            n0 += BLOCK_N
+    else:
+        for n0 in range(lo, hi, BLOCK_N):
+            m_i, l_i, acc = _attend_step(
+                q, m_i, l_i, acc, n0, hi, q_pos, r_mask, window, table_row, k_base, v_base, stride_kbs,
+                stride_vbs, offs_d, d_mask, qk_scale, BLOCK_N, DOT_FP32,
+            )
+    return m_i, l_i, acc

@@ -1,0 +1,153 @@
+"""Split-K decode attention: one new query token per request over its paged KV.
+
+Stage 1 runs one program per (request, KV head, split). The program loads the query of every q
+head that shares that KV head (GQA group, padded to ``BLOCK_H`` rows) so each K/V tile is read
+once for the whole group, walks its share of the request's context gathering K/V by slot through
+the request-to-token table, and writes the split's normalised partial output and its
+log-sum-exp (base 2). Stage 2 runs one program per (request, q head) and merges the splits.
+
+Split ranges are computed inside the kernel from ``seq_lens``, so the grid depends only on the
+batch size and ``num_splits``: the launch is CUDA-graph capturable with static input tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sglang.engine.attention.triton.common import (
+    LOG2E,
+    NO_WINDOW,
+    attend_range,
+    block_d,
+    dot_in_fp32,
+    interpreting,
+)
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_buf, v_buf, table_ptr, rows_ptr, seq_lens_ptr, mid_o, mid_lse,
+    stride_qt, stride_qh, stride_kbs, stride_kbh, stride_vbs, stride_vbh, stride_table,
+    stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
+    qk_scale, window,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_FP32: tl.constexpr, INTERP: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    row = tl.load(rows_ptr + b).to(tl.int64)
+    kv_lo = tl.maximum(seq_len - window, 0)  # the query sits at seq_len - 1 and sees `window` tokens
+    per_split = tl.cdiv(tl.cdiv(seq_len - kv_lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = kv_lo + split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_mask = offs_h < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = kvh * GROUP + offs_h
+    q = tl.load(
+        q_ptr + b.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=h_mask[:, None] & d_mask[None, :], other=0.0,
+    )
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    k_base = k_buf + kvh.to(tl.int64) * stride_kbh
+    v_base = v_buf + kvh.to(tl.int64) * stride_vbh
+    q_pos = tl.zeros([BLOCK_H], tl.int32) + seq_len - 1
+    m_i, l_i, acc = attend_range(
+        q, q_pos, h_mask, start, end, window, table_ptr + row * stride_table, k_base, v_base, stride_kbs,
+        stride_vbs, offs_d, d_mask, qk_scale, BLOCK_H, BLOCK_D, BLOCK_N, DOT_FP32, INTERP,
+    )
+
+    l_safe = tl.maximum(l_i, 1e-30)
+    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))  # empty split -> -inf, weight 0
+    out = acc / l_safe[:, None]
+    o_off = b.to(tl.int64) * stride_mob + heads[:, None] * stride_moh + split * stride_mos + offs_d[None, :]
+    tl.store(mid_o + o_off, out, mask=h_mask[:, None] & d_mask[None, :])
+    tl.store(mid_lse + b.to(tl.int64) * stride_mlb + heads * stride_mlh + split, lse, mask=h_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    mid_o, mid_lse, out_ptr,
+    stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    lse = tl.load(mid_lse + b * stride_mlb + h * stride_mlh + offs_s)
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # only for padded requests with seq_len 0
+    w = tl.exp2(lse - m)
+    denom = tl.sum(w, 0)
+    denom = tl.where(denom == 0, 1.0, denom)
+    o = tl.load(
+        mid_o + b * stride_mob + h * stride_moh + offs_s[:, None] * stride_mos + offs_d[None, :],
+        mask=d_mask[None, :], other=0.0,
+    )
+    out = tl.sum(o * w[:, None], 0) / denom
+    tl.store(out_ptr + b * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def decode_scratch(
+    max_bs: int, num_heads: int, head_dim: int, num_splits: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K scratch for up to ``max_bs`` requests: partial outputs and their base-2 LSEs."""
+    mid_o = torch.empty((max_bs, num_heads, num_splits, head_dim), dtype=torch.float32, device=device)
+    mid_lse = torch.empty((max_bs, num_heads, num_splits), dtype=torch.float32, device=device)
+    return mid_o, mid_lse
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    table: torch.Tensor,
+    req_pool_indices: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scratch: tuple[torch.Tensor, torch.Tensor],
+    scaling: float,
+    sliding_window: int | None = None,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """Attention of ``q`` ``[B, H, D]`` (one token per request) over each request's context.
+
+    ``k_buf``/``v_buf`` are ``[slots, KVH, D]``; request ``i`` owns row ``req_pool_indices[i]`` of
+    ``table`` and its first ``seq_lens[i]`` entries (the new token's K/V already written). Uses
+    ``scratch[0][:B]`` and ``scratch[1][:B]`` (see :func:`decode_scratch`); the number of splits is
+    the scratch's third dimension (a power of two). Returns ``[B, H, D]`` in q's dtype. Issues no
+    host synchronisation.
+    """
+    bs, num_heads, head_dim = q.shape
+    num_kv_heads = k_buf.shape[1]
+    group = num_heads // num_kv_heads
+    mid_o, mid_lse = scratch[0][:bs], scratch[1][:bs]
+    num_splits = mid_o.shape[2]
+    out = torch.empty((bs, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    bd = block_d(head_dim)
+    _decode_split_kernel[(bs, num_kv_heads, num_splits)](
+        q, k_buf, v_buf, table, req_pool_indices, seq_lens, mid_o, mid_lse,
+        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+        table.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        scaling * LOG2E, sliding_window or NO_WINDOW,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=bd,
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, DOT_FP32=dot_in_fp32(q.dtype), INTERP=interpreting(),
+        num_warps=4, num_stages=2,
+    )
+    _decode_merge_kernel[(bs, num_heads)](
+        mid_o, mid_lse, out,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=bd, NUM_SPLITS=num_splits, num_warps=4,
+    )
+    return out

@@ -1,0 +1,290 @@
+"""The triton attention backend against the torch_native reference.
+
+Each case builds one layer's paged KV pool with shuffled pages and shuffled table rows, fills the
+pool with noise (stale slots must never be read), writes the requests' prefixes, and compares
+``TritonBackend.forward`` with ``TorchNativeBackend.forward`` on the same packed q/k/v (q is a
+non-contiguous slice of a fused qkv, as in the models).
+
+Devices: ``interpret`` runs the kernels in Triton's CPU interpreter. ``TRITON_INTERPRET=1`` must be
+set before the kernels are decorated, so those cases run in one worker subprocess (this file run
+as a script) that the tests talk to over JSON lines; shapes are small. ``cuda`` (marked gpu) runs
+in-process with larger shapes, plus a CUDA-graph capture/replay check and an engine end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable, Iterator
+from itertools import product
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ATOL = {"float32": 1e-4, "bfloat16": 3e-2}
+
+
+# ---------------------------------------------------------------- cases (run in either process)
+
+
+def attention_case(
+    device: str,
+    dtype: str,
+    decode: bool,
+    prefix_lens: list[int],
+    extend_lens: list[int],
+    page_size: int,
+    group: int,
+    head_dim: int,
+    num_kv_heads: int = 2,
+    window: int | None = None,
+    num_kv_splits: int = 16,
+    seed: int = 0,
+) -> float:
+    """Max |triton - torch_native| over one layer's forward of a batch built from the lengths."""
+    from sglang.engine.attention.torch_native import TorchNativeBackend
+    from sglang.engine.attention.triton.backend import TritonBackend
+    from sglang.engine.layers.attention import Attention
+    from sglang.engine.memory import KVPool, ReqToTokenPool
+    from sglang.engine.runner.forward_batch import ForwardBatch, ForwardMode
+
+    dev, dt = torch.device(device), DTYPES[dtype]
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    seqs = [p + e for p, e in zip(prefix_lens, extend_lens, strict=True)]
+    npages = [-(-s // page_size) for s in seqs]
+    num_pages = sum(npages) + 3
+    pool = KVPool(num_pages, page_size, 1, num_kv_heads, head_dim, dt, dev)
+    for buf in (*pool.k_buffers, *pool.v_buffers):
+        buf.copy_(torch.randn(buf.shape, generator=gen).to(dt))
+    r2t = ReqToTokenPool(len(seqs) + 3, max(seqs) + page_size, dev)
+    pages = list(range(1, num_pages + 1))
+    rng.shuffle(pages)
+    rows = rng.sample(range(len(seqs) + 3), len(seqs))
+    slots = []
+    for row, n, s in zip(rows, npages, seqs, strict=True):
+        mine, pages = pages[:n], pages[n:]
+        req_slots = torch.tensor([p * page_size + o for p in mine for o in range(page_size)])[:s]
+        r2t.write(row, 0, req_slots)
+        slots.append(req_slots)
+    t, h = sum(extend_lens), num_kv_heads * group
+    qkv = torch.randn((t, (h + 2 * num_kv_heads) * head_dim), generator=gen).to(dt).to(dev)
+    q, k, v = qkv.split([h * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=1)
+    layer = Attention(0, h, num_kv_heads, head_dim, sliding_window=window)
+
+    def run(backend: Any) -> torch.Tensor:
+        batch = ForwardBatch(
+            mode=ForwardMode.DECODE if decode else ForwardMode.EXTEND,
+            input_ids=torch.zeros(t, dtype=torch.int64, device=dev),
+            positions=torch.cat([torch.arange(p, s) for p, s in zip(prefix_lens, seqs, strict=True)]).to(dev),
+            req_pool_indices=torch.tensor(rows, device=dev),
+            seq_lens=torch.tensor(seqs, device=dev),
+            out_cache_loc=torch.cat([sl[p:] for sl, p in zip(slots, prefix_lens, strict=True)]).to(dev),
+            prefix_lens_cpu=list(prefix_lens), extend_lens_cpu=list(extend_lens),
+            kv_pool=pool, req_to_token=r2t, attn_backend=backend,
+        )
+        backend.init_forward_metadata(batch)
+        return backend.forward(q, k, v, layer, batch)
+
+    ref = run(TorchNativeBackend())
+    got = run(TritonBackend(num_kv_splits=num_kv_splits))
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    return float((got.float() - ref.float()).abs().max())
+
+
+def model_case(device: str, family: str, page_size: int) -> float:
+    """Max |logit difference| of a tiny model run through prefix + extend + decode with triton
+    versus torch_native (float32)."""
+    from sglang.engine.models.loader import load_model
+
+    from tests.helpers.forward import run_prefill
+    from tests.helpers.tiny_models import make_tiny_model
+
+    rng = random.Random(5)
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in (1, 9, 70, 130)]
+    split = [0, 4, 17, 100]
+    with tempfile.TemporaryDirectory() as d:
+        path = make_tiny_model(family, d, vocab_size=256, seed=3)
+        model, _, info = load_model(str(path), "safetensors", "float32", device, 0)
+    ref = run_prefill(model, info, prompts, page_size, "torch_native", prefix_split=split)
+    got = run_prefill(model, info, prompts, page_size, "triton", prefix_split=split)
+    return max(float((g - r).abs().max()) for g, r in zip(got, ref, strict=True))
+
+
+def _serve() -> None:
+    """Worker loop: one JSON request per line (``{"fn", "kwargs"}``), one JSON answer per line."""
+    sys.path.insert(0, str(ROOT))
+    cases: dict[str, Callable[..., float]] = {"attention_case": attention_case, "model_case": model_case}
+    for line in sys.stdin:
+        req = json.loads(line)
+        try:
+            ans: dict[str, Any] = {"ok": cases[req["fn"]](**req["kwargs"])}
+        except Exception:
+            ans = {"error": traceback.format_exc()}
+        print(json.dumps(ans), flush=True)
+
+
+# ---------------------------------------------------------------- pytest side
+
+
+class _Interpreter:
+    """A worker subprocess with ``TRITON_INTERPRET=1`` that runs cases on CPU tensors."""
+
+    def __init__(self) -> None:
+        self._err: IO[str] = tempfile.TemporaryFile("w+")  # noqa: SIM115 - lives as long as the worker
+        env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__], cwd=ROOT, env=env, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
+        )
+
+    def call(self, fn: str, **kwargs: Any) -> float:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"fn": fn, "kwargs": {"device": "cpu", **kwargs}}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self._err.seek(0)
+            raise RuntimeError(f"interpreter worker died:\n{self._err.read()[-4000:]}")
+        ans = json.loads(line)
+        if "error" in ans:
+            raise AssertionError(ans["error"])
+        return float(ans["ok"])
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self._err.close()
+
+
+@pytest.fixture(scope="module")
+def interpreter() -> Iterator[_Interpreter]:
+    pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+    worker = _Interpreter()
+    yield worker
+    worker.close()
+
+
+Run = Callable[..., float]
+
+
+@pytest.fixture
+def run(request: pytest.FixtureRequest) -> Run:
+    """``run(fn_name, **kwargs)`` on the test's device (``device`` parameter)."""
+    device = request.node.callspec.params["device"]
+    if device == "interpret":
+        worker: _Interpreter = request.getfixturevalue("interpreter")
+        return worker.call
+    pytest.importorskip("triton")
+    cases = {"attention_case": attention_case, "model_case": model_case}
+    return lambda fn, **kw: cases[fn](device="cuda", **kw)
+
+
+def _param(device: str, *values: Any) -> Any:
+    marks = [pytest.mark.gpu] if device == "cuda" else []
+    return pytest.param(device, *values, marks=marks, id="-".join(map(str, (device, *values))))
+
+
+def _grid() -> list[Any]:
+    """(device, dtype, page_size, group, head_dim): every combination on cuda; on the interpreter
+    every float32 combination and two bfloat16 ones, to stay fast."""
+    out = []
+    for device, dtype, ps, group, hd in product(["interpret", "cuda"], DTYPES, [1, 16], [1, 4, 8], [64, 128]):
+        if device == "interpret" and dtype == "bfloat16" and (ps, group, hd) not in {(16, 4, 128), (1, 8, 64)}:
+            continue
+        out.append(_param(device, dtype, ps, group, hd))
+    return out
+
+
+DEVICES = [_param("interpret"), _param("cuda")]
+DECODE_SEQS = {"interpret": [1, 7, 100, 701], "cuda": [1, 7, 100, 777, 3000, 4099, *range(5, 2000, 61)]}
+EXTEND_LENS = {  # (prefix, extend) per request: prefix 0, extend 1, unaligned prefixes, long extends
+    "interpret": [(0, 1), (0, 37), (5, 1), (90, 20), (17, 70)],
+    "cuda": [(0, 1), (0, 1000), (513, 1), (2000, 300), (17, 64), (0, 4096), (100, 129)],
+}
+
+
+@pytest.mark.parametrize(("device", "dtype", "page_size", "group", "head_dim"), _grid())
+def test_decode_matches_torch_native(run: Run, device: str, dtype: str, page_size: int, group: int, head_dim: int) -> None:
+    seqs = DECODE_SEQS[device]
+    err = run(
+        "attention_case", dtype=dtype, decode=True, prefix_lens=[s - 1 for s in seqs], extend_lens=[1] * len(seqs),
+        page_size=page_size, group=group, head_dim=head_dim,
+    )
+    assert err < ATOL[dtype]
+
+
+@pytest.mark.parametrize(("device", "dtype", "page_size", "group", "head_dim"), _grid())
+def test_extend_matches_torch_native(run: Run, device: str, dtype: str, page_size: int, group: int, head_dim: int) -> None:
+    pre, ext = zip(*EXTEND_LENS[device], strict=True)
+    err = run(
+        "attention_case", dtype=dtype, decode=False, prefix_lens=list(pre), extend_lens=list(ext),
+        page_size=page_size, group=group, head_dim=head_dim,
+    )
+    assert err < ATOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("window", "splits", "head_dim"), [(None, 1, 80), (33, 4, 64), (1, 16, 64)])
+def test_window_splits_and_odd_head_dim(run: Run, device: str, window: int | None, splits: int, head_dim: int) -> None:
+    """Sliding windows (down to 1 token), 1 and 4 KV splits, and a head_dim that is not a power of 2."""
+    seqs = DECODE_SEQS[device]
+    pre, ext = zip(*EXTEND_LENS[device], strict=True)
+    common = {"dtype": "float32", "page_size": 16, "group": 4, "head_dim": head_dim, "window": window}
+    decode_err = run(
+        "attention_case", decode=True, prefix_lens=[s - 1 for s in seqs], extend_lens=[1] * len(seqs),
+        num_kv_splits=splits, **common,
+    )
+    extend_err = run("attention_case", decode=False, prefix_lens=list(pre), extend_lens=list(ext), **common)
+    assert decode_err < ATOL["float32"] and extend_err < ATOL["float32"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("family", "page_size"), [("llama", 16), ("mistral", 1), ("qwen3", 16)])
+def test_tiny_model_logits_match(run: Run, device: str, family: str, page_size: int) -> None:
+    """A whole model (GQA; mistral and qwen3 with sliding windows; qwen3 head_dim 32) through
+    prefix + extend + decode gives the torch_native logits."""
+    assert run("model_case", family=family, page_size=page_size) < 1e-4
+
+
+def test_resolve_backend_name() -> None:
+    from sglang.engine.attention import available_backends, resolve_backend_name
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert {"auto", "torch_native", "triton"} <= set(available_backends())
+    assert resolve_backend_name("auto", cpu) == "torch_native"
+    assert resolve_backend_name("torch_native", cuda) == "torch_native"
+    try:
+        import triton  # noqa: F401
+
+        expected = "triton"
+    except ImportError:
+        expected = "torch_native"
+    assert resolve_backend_name("auto", cuda) == expected
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            resolve_backend_name("triton", cpu)
+
+
+def test_num_kv_splits_must_be_power_of_two() -> None:
+    pytest.importorskip("triton")
+    from sglang.engine.attention.triton.backend import TritonBackend
+
+    with pytest.raises(ValueError, match="power of two"):
+        TritonBackend(num_kv_splits=12)
+
+
+if __name__ == "__main__":
+    _serve()
