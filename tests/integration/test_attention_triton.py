@@ -122,14 +122,16 @@ def model_case(device: str, family: str, page_size: int) -> float:
     return max(float((g - r).abs().max()) for g, r in zip(got, ref, strict=True))
 
 
+CASES: dict[str, Callable[..., float]] = {"attention_case": attention_case, "model_case": model_case}
+
+
 def _serve() -> None:
     """Worker loop: one JSON request per line (``{"fn", "kwargs"}``), one JSON answer per line."""
     sys.path.insert(0, str(ROOT))
-    cases: dict[str, Callable[..., float]] = {"attention_case": attention_case, "model_case": model_case}
     for line in sys.stdin:
         req = json.loads(line)
         try:
-            ans: dict[str, Any] = {"ok": cases[req["fn"]](**req["kwargs"])}
+            ans: dict[str, Any] = {"ok": CASES[req["fn"]](**req["kwargs"])}
         except Exception:
             ans = {"error": traceback.format_exc()}
         print(json.dumps(ans), flush=True)
@@ -188,8 +190,7 @@ def run(request: pytest.FixtureRequest) -> Run:
         worker: _Interpreter = request.getfixturevalue("interpreter")
         return worker.call
     pytest.importorskip("triton")
-    cases = {"attention_case": attention_case, "model_case": model_case}
-    return lambda fn, **kw: cases[fn](device="cuda", **kw)
+    return lambda fn, **kw: CASES[fn](device="cuda", **kw)
 
 
 def _param(device: str, *values: Any) -> Any:
@@ -257,6 +258,108 @@ def test_tiny_model_logits_match(run: Run, device: str, family: str, page_size: 
     """A whole model (GQA; mistral and qwen3 with sliding windows; qwen3 head_dim 32) through
     prefix + extend + decode gives the torch_native logits."""
     assert run("model_case", family=family, page_size=page_size) < 1e-4
+
+
+@pytest.mark.gpu
+def test_decode_cuda_graph_replay() -> None:
+    """Capture one decode forward (8B-like layer, bf16) in a CUDA graph at tiny lengths, then
+    replay it with new lengths, slots and q/k/v copied into the static tensors: the replay equals
+    an eager run bit for bit and matches torch_native."""
+    pytest.importorskip("triton")
+    from sglang.engine.attention.torch_native import TorchNativeBackend
+    from sglang.engine.attention.triton.backend import TritonBackend
+    from sglang.engine.layers.attention import Attention
+    from sglang.engine.memory import KVPool, ReqToTokenPool
+    from sglang.engine.runner.forward_batch import ForwardBatch, ForwardMode
+
+    dev, bs, kvh, h, d, ps, ctx = torch.device("cuda"), 8, 8, 32, 128, 16, 4096
+    num_pages = bs * ctx // ps
+    pool = KVPool(num_pages, ps, 1, kvh, d, torch.bfloat16, dev)
+    pool.k_buffers[0].normal_()
+    pool.v_buffers[0].normal_()
+    r2t = ReqToTokenPool(bs + 1, ctx, dev)
+    rows = torch.arange(1, bs + 1, device=dev)
+    seq_lens = torch.ones(bs, dtype=torch.int64, device=dev)
+    loc = torch.zeros(bs, dtype=torch.int64, device=dev)
+    qkv = torch.zeros((bs, (h + 2 * kvh) * d), dtype=torch.bfloat16, device=dev)
+    q, k, v = qkv.split([h * d, kvh * d, kvh * d], dim=1)
+    layer = Attention(0, h, kvh, d)
+
+    def batch(seqs: list[int], backend: Any) -> ForwardBatch:
+        return ForwardBatch(
+            mode=ForwardMode.DECODE, input_ids=torch.zeros(bs, dtype=torch.int64, device=dev),
+            positions=seq_lens - 1, req_pool_indices=rows, seq_lens=seq_lens, out_cache_loc=loc,
+            prefix_lens_cpu=[s - 1 for s in seqs], extend_lens_cpu=[1] * bs,
+            kv_pool=pool, req_to_token=r2t, attn_backend=backend,
+        )
+
+    def fill(seqs: list[int], seed: int) -> None:
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        perm = torch.randperm(num_pages * ps, generator=gen, device=dev) + ps  # skip the padding page
+        off = 0
+        for i, s in enumerate(seqs):
+            r2t.table[i + 1, :s] = perm[off : off + s]
+            off += s
+        seq_lens.copy_(torch.tensor(seqs, device=dev))
+        loc.copy_(r2t.table[rows, seq_lens - 1])
+        qkv.copy_(torch.randn(qkv.shape, generator=gen, device=dev))
+
+    graphed = TritonBackend()
+    graphed.init_cuda_graph_state(bs, h, d, dev)
+    fill([1] * bs, 0)
+    captured = batch([1] * bs, graphed)
+    graphed.init_forward_metadata(captured)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graphed.forward(q, k, v, layer, captured)  # warm-up compiles the kernels outside capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = graphed.forward(q, k, v, layer, captured)
+
+    for seed, seqs in [(1, [1, 7, 100, 777, 3000, 4096, 2, 65]), (2, [4000, 1, 1, 33, 500, 16, 17, 1000])]:
+        fill(seqs, seed)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager_backend = TritonBackend()
+        eager_batch = batch(seqs, eager_backend)
+        eager_backend.init_forward_metadata(eager_batch)
+        eager = eager_backend.forward(q, k, v, layer, eager_batch)
+        assert torch.equal(out, eager)
+        ref_backend = TorchNativeBackend()
+        ref_batch = batch(seqs, ref_backend)
+        ref_backend.init_forward_metadata(ref_batch)
+        ref = ref_backend.forward(q, k, v, layer, ref_batch)
+        assert float((out.float() - ref.float()).abs().max()) < ATOL["bfloat16"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("family", "page_size"), [("llama", 16), ("mistral", 1)])
+def test_engine_auto_backend_greedy_matches_torch_native(tmp_path: Path, family: str, page_size: int) -> None:
+    """An engine on CUDA with the default ``auto`` backend runs triton and produces the same
+    greedy tokens as torch_native in float32."""
+    pytest.importorskip("triton")
+    from sglang.engine.engine import Engine
+
+    from tests.helpers.tiny_models import make_tiny_model
+
+    path = make_tiny_model(family, tmp_path, vocab_size=256, seed=1)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(256) for _ in range(n)] for n in (1, 17, 200, 512)]
+    params = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
+    outs: dict[str, list[list[int]]] = {}
+    for backend in ("torch_native", "auto"):
+        eng = Engine(
+            model_path=str(path), skip_tokenizer_init=True, device="cuda", dtype="float32", attention_backend=backend,
+            page_size=page_size, chunked_prefill_size=64, max_total_tokens=8192,
+        )
+        try:
+            assert eng.runner.attn_backend.name == ("torch_native" if backend == "torch_native" else "triton")
+            outs[backend] = [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=params)]
+        finally:
+            eng.shutdown()
+    assert outs["auto"] == outs["torch_native"]
 
 
 def test_resolve_backend_name() -> None:
