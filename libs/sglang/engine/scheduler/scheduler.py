@@ -1,7 +1,8 @@
 """Scheduler: continuous batching with chunked prefill and retraction.
 
-One step is schedule → run → sample → update, each with its own output type
-(:class:`ScheduledBatch` → ``ModelOutput`` → ``SampleOutput`` → the list of updated requests).
+One step is schedule → run → grammar mask → sample → update, each with its own output type
+(:class:`ScheduledBatch` → ``ModelOutput`` → ``GrammarMask`` → ``SampleOutput`` → the list of
+updated requests).
 Requests join between steps. A step is either an EXTEND batch (prompt chunks of newly admitted or
 partly prefilled requests, bounded by ``chunked_prefill_size``) or a DECODE batch (one token for
 every running request). When a decode step cannot get pages, the newest running requests are
@@ -16,6 +17,7 @@ from collections.abc import Iterable
 
 import torch
 
+from sglang.engine.constrained.mask import GrammarMask
 from sglang.engine.memory import OutOfPagesError
 from sglang.engine.prefix_cache import RadixCache
 from sglang.engine.runner.forward_batch import ForwardMode
@@ -23,6 +25,7 @@ from sglang.engine.runner.model_runner import ModelInput, ModelRunner
 from sglang.engine.sampling.sampler import Sampler, SamplingBatch
 from sglang.engine.scheduler.batch import Entry, ScheduledBatch
 from sglang.engine.scheduler.disagg import DecodeSide, PrefillSide
+from sglang.engine.scheduler.grammar_phase import GrammarPhase
 from sglang.engine.scheduler.kv_slots import KVSlots
 from sglang.engine.scheduler.output_processor import OutputProcessor
 from sglang.engine.scheduler.policy import create_policy
@@ -58,6 +61,7 @@ class Scheduler:
         self.prefill_pd = pd if isinstance(pd, PrefillSide) else None
         self.sampler = Sampler()
         self.outputs = OutputProcessor(eos_token_ids, runner.context_length)
+        self.grammar = GrammarPhase(self.outputs, runner.device)
         self.eos_token_ids = eos_token_ids
         self.vocab_size = runner.info.vocab_size
         self._arrivals = 0
@@ -118,8 +122,9 @@ class Scheduler:
         if batch is None:
             return updated
         out = self.runner.forward(self._model_input(batch))
+        mask = self.grammar.fill(batch)  # CPU work before anything waits on the logits
         self.num_steps += 1
-        return updated + self._update(batch, out.logits)
+        return updated + self._update(batch, out.logits, mask)
 
     def schedule(self) -> ScheduledBatch | None:
         entries = self._schedule_extend()
@@ -267,7 +272,7 @@ class Scheduler:
         )
 
     # ---- sample + update phases ------------------------------------------------------------
-    def _update(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[Request]:
+    def _update(self, batch: ScheduledBatch, logits: torch.Tensor, mask: GrammarMask | None = None) -> list[Request]:
         row = 0
         sample_rows: list[int] = []
         sample_entries: list[Entry] = []
@@ -297,12 +302,14 @@ class Scheduler:
                 self.eos_token_ids, self.vocab_size, logits.device, [r.generator for r in reqs],
             )
             tops = [r.top_logprobs_num if r.return_logprob else 0 for r in reqs]
-            res = self.sampler(logits[sample_rows], sb, tops if any(tops) else None)
+            rows = logits[sample_rows]
+            self.grammar.apply(rows, mask)
+            res = self.sampler(rows, sb, tops if any(tops) else None)
             next_ids = res.next_token_ids.tolist()
             lps = res.logprobs.tolist()
             for i, req in enumerate(reqs):
                 top = res.top_logprobs[i] if res.top_logprobs is not None else None
-                reason = self.outputs.append_token(req, next_ids[i], lps[i], top)
+                reason = self.grammar.append(req, next_ids[i], lps[i], top)
                 if self.prefill_pd is not None and self.prefill_pd.owns(req):
                     self.prefill_pd.on_prefilled(self, req, reason)
                 elif reason is not None:
@@ -314,7 +321,7 @@ class Scheduler:
         """Decode side: the prompt's KV arrived; append the prefill's first token and run."""
         req.status = Status.RUNNING
         self.running.append(req)
-        reason = self.outputs.append_token(req, first_token, logprob if logprob is not None else 0.0, None)
+        reason = self.grammar.append(req, first_token, logprob if logprob is not None else 0.0, None)
         if reason is not None:
             self._finish(req, reason)
 

@@ -1,0 +1,159 @@
+"""The xgrammar backend (xgrammar 0.2.8): regex, JSON schema and EBNF grammars.
+
+Choices: JSON is generated compact (``any_whitespace=False``: ``", "`` and ``": "`` separators, no
+free whitespace between tokens), which keeps small or unsure models from spending their budget on
+whitespace; ``strict_mode`` (no properties beyond the schema's) is xgrammar's default. EBNF is
+xgrammar's GBNF dialect with the start rule ``root``. The mask is applied with xgrammar's kernels:
+its C++ loop on CPU, its Triton kernel on CUDA (the torch fallback when Triton is missing).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Literal
+
+import torch
+import xgrammar as xgr
+
+from sglang.engine.constrained.base import CompiledGrammar, GrammarBackend, GrammarMatcher, invalid_grammar
+
+# xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: " and sometimes a failed check.
+_LOG_PREFIX = re.compile(r"^\s*\[[0-9:]+\]\s+\S+:\d+:\s*")
+_CHECK_PREFIX = re.compile(r"^Check failed: \(.*?\) is false:\s*")
+_MAX_DETAIL = 400
+_Kernel = Literal["cpu", "triton", "torch_native"]
+
+
+def compiler_message(e: BaseException) -> str:
+    """The compiler's own words without its log prefix (bounded: a bad schema is echoed back)."""
+    msg = _CHECK_PREFIX.sub("", _LOG_PREFIX.sub("", str(e))).strip()
+    return msg if len(msg) <= _MAX_DETAIL else msg[:_MAX_DETAIL] + " ..."
+
+
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokenizer's special tokens (control, reserved): never text of a grammar."""
+    ids = {int(i) for i in getattr(tokenizer, "all_special_ids", [])}
+    for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(tok, "special", False):
+            ids.add(int(i))
+    return ids
+
+
+def tokenizer_info(tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> xgr.TokenizerInfo:
+    """xgrammar's vocabulary for ``tokenizer``, ``vocab_size`` wide (the model's logits).
+
+    xgrammar reads an added special token such as ``<|eot_id|>`` as its literal text, so a grammar
+    that allows ``<`` could emit it and the detokenized text (special tokens skipped) would no
+    longer match. Special tokens are therefore given an empty string, which xgrammar never allows
+    as text (ids the tokenizer does not have are empty too). Stop tokens stay stop tokens.
+    """
+    base = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
+    special = special_token_ids(tokenizer)
+    if not special:
+        return base
+    vocab: list[bytes | str] = [""] * vocab_size
+    for token, idx in tokenizer.get_vocab().items():
+        if idx < vocab_size and idx not in special:
+            vocab[idx] = token
+    return xgr.TokenizerInfo.from_vocab_and_metadata(vocab, base.dump_metadata())
+
+
+class XGrammarMatcher(GrammarMatcher):
+    def __init__(self, backend: XGrammarBackend, matcher: xgr.GrammarMatcher) -> None:
+        self.backend = backend
+        self._m = matcher
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self._m.fill_next_token_bitmask(bitmask, row)
+
+    def accept_token(self, token_id: int) -> bool:
+        return bool(self._m.accept_token(token_id))
+
+    def is_terminated(self) -> bool:
+        return bool(self._m.is_terminated())
+
+
+class XGrammarCompiled(CompiledGrammar):
+    def __init__(self, backend: XGrammarBackend, kind: str, spec: str, compiled: xgr.CompiledGrammar) -> None:
+        super().__init__(kind, spec)
+        self.backend = backend
+        self.compiled = compiled
+
+    def new_matcher(self) -> GrammarMatcher:
+        return XGrammarMatcher(self.backend, xgr.GrammarMatcher(self.compiled))
+
+
+class XGrammarBackend(GrammarBackend):
+    name = "xgrammar"
+
+    def __init__(
+        self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], num_threads: int = 1,
+        any_whitespace: bool = False,
+    ) -> None:
+        super().__init__(tokenizer, vocab_size, stop_token_ids, num_threads)
+        self.any_whitespace = any_whitespace
+        self.info = tokenizer_info(tokenizer, vocab_size, list(stop_token_ids))
+        # xgrammar's own cache stays off: GrammarCache keeps compiled grammars, once per key.
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=max(1, num_threads), cache_enabled=False)
+        self._cuda_backend: _Kernel | None = None
+        self._batch = xgr.BatchGrammarMatcher(max_threads=max(1, num_threads))
+
+    def compile(self, kind: str, spec: str) -> CompiledGrammar:
+        try:
+            if kind == "regex":
+                compiled = self.compiler.compile_regex(spec)
+            elif kind == "json_schema":
+                compiled = self.compiler.compile_json_schema(self._schema(spec), any_whitespace=self.any_whitespace)
+            elif kind == "ebnf":
+                compiled = self.compiler.compile_grammar(spec)
+            else:
+                raise ValueError(f"unknown grammar kind {kind!r}; choose regex, json_schema or ebnf")
+        except ValueError as e:
+            if str(e).startswith(f"{kind}: "):
+                raise
+            raise invalid_grammar(kind, compiler_message(e)) from None
+        except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError and its own types
+            raise invalid_grammar(kind, compiler_message(e)) from None
+        return XGrammarCompiled(self, kind, spec, compiled)
+
+    @staticmethod
+    def _schema(spec: str) -> str:
+        try:
+            schema = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise invalid_grammar("json_schema", f"not valid JSON ({e})") from None
+        if not isinstance(schema, (dict, bool)):
+            raise invalid_grammar("json_schema", f"a schema is a JSON object, got {type(schema).__name__}")
+        return spec
+
+    def fill_bitmask(self, matchers: list[GrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
+        # One call for the batch: xgrammar fills the rows on its own threads.
+        handles = [m._m for m in matchers if isinstance(m, XGrammarMatcher)]
+        if len(handles) != len(matchers):
+            super().fill_bitmask(matchers, bitmask, rows)
+            return
+        self._batch.batch_fill_next_token_bitmask(handles, bitmask, rows)
+
+    def allocate_bitmask(self, rows: int) -> torch.Tensor:
+        return xgr.allocate_token_bitmask(rows, self.vocab_size)
+
+    def apply_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+        indices = None if rows == list(range(logits.shape[0])) else rows
+        backend: _Kernel
+        if logits.device.type == "cpu":
+            backend = "cpu"
+        elif logits.device.type == "cuda":
+            backend = self._cuda_backend or self._pick_cuda_backend()
+        else:
+            backend = "torch_native"
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=indices, backend=backend)
+
+    def _pick_cuda_backend(self) -> _Kernel:
+        try:
+            import triton  # noqa: F401
+
+            self._cuda_backend = "triton"
+        except ImportError:
+            self._cuda_backend = "torch_native"
+        return self._cuda_backend
