@@ -2,7 +2,7 @@
 
 Routes:
     POST /v1/chat/completions   POST /v1/completions   GET /v1/models   GET /v1/models/{model}
-    POST /generate              GET /get_model_info
+    POST /generate              GET /get_model_info (with ``chat_roles``: see ``chat_role_markers``)
     GET /health (readiness: 200 with >= 1 routable worker and its tokenizer loaded, else 503)
     GET /ready (same)  GET /live (liveness: 200 while the process serves)
     GET /health_generate (one 1-token generation through a worker)   GET /metrics (Prometheus)
@@ -24,6 +24,7 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sglang.engine.tokenizer.chat import chat_role_markers
 from sglang.observability.metrics import RouterMetrics
 from sglang.settings.router import RouterSettings
 
@@ -165,9 +166,13 @@ class HttpApi:
 
     async def model_info(self, request: web.Request) -> web.Response:
         state = await self.catalog.get(request.query.get("model"))
+        try:  # what the frontend language's RuntimeEndpoint writes around sgl.system/user/assistant
+            roles = chat_role_markers(state.tokenizer)
+        except ValueError:
+            roles = None
         return web.json_response({
             "model_path": state.model_path, "tokenizer_path": state.tokenizer.path, "is_generation": True,
-            "served_model_name": state.name, "context_length": state.context_length,
+            "served_model_name": state.name, "context_length": state.context_length, "chat_roles": roles,
         })
 
     # ------------------------------------------------------------------ health and metrics
