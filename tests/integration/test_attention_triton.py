@@ -362,6 +362,37 @@ def test_engine_auto_backend_greedy_matches_torch_native(tmp_path: Path, family:
     assert outs["auto"] == outs["torch_native"]
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_kernels_compile_for_sm90(dtype: str) -> None:
+    """Compile the GPU path (not the interpreter's) to an H100 cubin without a GPU: catches what
+    only the compiler checks (non-constexpr globals, dot shapes, type mismatches)."""
+    triton = pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("kernels are interpreted in this process")
+    from sglang.engine.attention.triton import decode, extend
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = triton.compiler.make_backend(target)
+    fp32 = dtype == "fp32"
+    common = {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_N": 64, "DOT_FP32": fp32, "INTERP": False}
+    kernels = [
+        (decode._decode_split_kernel, {"GROUP": 4, "BLOCK_H": 16, "NUM_SPLITS": 16, **common}),
+        (extend._extend_kernel, {"GROUP": 4, "BLOCK_R": 64, **common}),
+        (decode._decode_merge_kernel, {"HEAD_DIM": 128, "BLOCK_D": 128, "NUM_SPLITS": 16}),
+    ]
+    pointers = {"q_ptr": dtype, "k_buf": dtype, "v_buf": dtype, "out_ptr": dtype, "table_ptr": "i64",
+                "rows_ptr": "i64", "seq_lens_ptr": "i64", "tiles_ptr": "i32", "mid_o": "fp32", "mid_lse": "fp32"}
+    for kernel, consts in kernels:
+        sig = {n: "constexpr" if n in consts else f"*{pointers[n]}" if n in pointers else "i32" for n in kernel.arg_names}
+        if "qk_scale" in sig:
+            sig["qk_scale"] = "fp32"
+        opts = backend.parse_options({"num_warps": 4, "num_stages": 2})
+        compiled = triton.compile(ASTSource(kernel, sig, consts), target=target, options=opts.__dict__)
+        assert compiled.asm["cubin"]
+
+
 def test_resolve_backend_name() -> None:
     from sglang.engine.attention import available_backends, resolve_backend_name
 

@@ -10,7 +10,7 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 NO_WINDOW = 1 << 30  # the window kernels use for full attention
-NEG = -1.0e30  # finite "minus infinity" for running maxima (exp2 of empty rows gives 0, not NaN)
+NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima (exp2 of empty rows gives 0, not NaN)
 
 
 def interpreting() -> bool:
