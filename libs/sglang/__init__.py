@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from sglang.engine.sampling.params import SamplingParams
 
 _LANG = (
-    "Backend", "EngineBackend", "OpenAI", "ProgramState", "RuntimeEndpoint", "assistant", "assistant_begin",
+    "Backend", "EngineBackend", "OpenAI", "ProgramState", "RuntimeEndpoint", "ServerError", "assistant", "assistant_begin",
     "assistant_end", "function", "gen", "gen_int", "gen_string", "get_default_backend", "image", "select",
     "set_default_backend", "system", "system_begin", "system_end", "user", "user_begin", "user_end",
 )
