@@ -5,6 +5,7 @@ prefix in the radix cache, select scored by prompt logprobs, streaming, run_batc
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -261,3 +262,14 @@ def test_no_backend_and_unreachable_backend() -> None:
         sgl.RuntimeEndpoint("http://127.0.0.1:9")
     with pytest.raises(TypeError, match="a backend must be"):
         p.run(backend="http://127.0.0.1:9")
+
+
+def test_constrained_gen_dtype_int_and_choices_in_a_role(backend: sgl.EngineBackend) -> None:
+    @sgl.function
+    def typed(s):  # type: ignore[no-untyped-def]
+        s += "Pick a number: " + sgl.gen("n", dtype=int, max_tokens=6, temperature=0)
+        s += sgl.user("Yes or no?") + sgl.assistant(sgl.gen("yn", choices=["yes", "no"]))
+
+    st = typed.run(backend=backend)
+    assert re.fullmatch(r"[-+]?[0-9]+", st["n"]), st["n"]
+    assert st["yn"] in ("yes", "no") and st.messages()[-1] == {"role": "assistant", "content": st["yn"]}
