@@ -224,3 +224,22 @@ def test_batched_fill_and_apply_touch_only_grammar_rows(backend: GrammarBackend,
     assert again is not None and again.bitmask.data_ptr() == mask.bitmask.data_ptr()
     big = filler.fill([digits] * 20)
     assert big is not None and big.bitmask.shape[0] == 20
+
+
+def test_json_strings_never_hold_raw_control_characters(backend: GrammarBackend, hf_tokenizer: Any) -> None:
+    """xgrammar 0.2.8 allows a tab inside a maxLength string; the backend masks such tokens out."""
+    texts = _texts(hf_tokenizer)
+    schema = '{"type": "object", "properties": {"s": {"type": "string", "maxLength": 4}}, "required": ["s"]}'
+    m = backend.compile("json_schema", schema).new_matcher()
+    for tok in hf_tokenizer.encode('{"s": "', add_special_tokens=False):
+        assert m.accept_token(tok)
+    control = {t for t, s in texts.items() if any(ord(c) < 0x20 for c in s)}
+    assert {t for t, s in texts.items() if s == "\t"} <= control and len(control) >= 30
+    single = backend.allocate_bitmask(1)
+    m.fill_bitmask(single, 0)
+    batched = backend.allocate_bitmask(3)
+    backend.fill_bitmask([m], batched, [2])
+    assert torch.equal(single[0], batched[2])
+    allowed = _allowed(single)
+    assert not allowed & control
+    assert {t for t, s in texts.items() if s in ("a", "é", '"')} <= allowed  # text and the closing quote

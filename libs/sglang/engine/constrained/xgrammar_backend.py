@@ -5,12 +5,17 @@ free whitespace between tokens), which keeps small or unsure models from spendin
 whitespace; ``strict_mode`` (no properties beyond the schema's) is xgrammar's default. EBNF is
 xgrammar's GBNF dialect with the start rule ``root``. The mask is applied with xgrammar's kernels:
 its C++ loop on CPU, its Triton kernel on CUDA (the torch fallback when Triton is missing).
+
+A workaround: xgrammar 0.2.8 lets a JSON string with ``minLength``/``maxLength`` contain raw
+control characters (a tab, U+0001), which JSON forbids. JSON grammars here are compact, so no
+valid output ever holds a byte below 0x20: their mask rows also drop every token that has one.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 from typing import Any, Literal
 
 import torch
@@ -59,13 +64,27 @@ def tokenizer_info(tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -
     return xgr.TokenizerInfo.from_vocab_and_metadata(vocab, base.dump_metadata())
 
 
+def control_free_bitmask(info: xgr.TokenizerInfo, vocab_size: int) -> torch.Tensor:
+    """int32 ``[ceil(V / 32)]``: the bit of each token whose bytes hold no control character (< 0x20)."""
+    bits = torch.zeros((vocab_size + 31) // 32 * 32, dtype=torch.bool)
+    vocab = info.decoded_vocab
+    bits[: len(vocab)] = torch.tensor([not any(b < 0x20 for b in tok) for tok in vocab], dtype=torch.bool)
+    weights = torch.tensor([1 << i for i in range(32)], dtype=torch.int64)
+    words = (bits.view(-1, 32).to(torch.int64) * weights).sum(dim=1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
 class XGrammarMatcher(GrammarMatcher):
-    def __init__(self, backend: XGrammarBackend, matcher: xgr.GrammarMatcher) -> None:
+    def __init__(self, backend: XGrammarBackend, matcher: xgr.GrammarMatcher, json_text: bool) -> None:
         self.backend = backend
+        self._backend = backend
         self._m = matcher
+        self.json_text = json_text  # JSON: also drop tokens with control characters
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         self._m.fill_next_token_bitmask(bitmask, row)
+        if self.json_text:
+            bitmask[row] &= self._backend.json_allowed()
 
     def accept_token(self, token_id: int) -> bool:
         return bool(self._m.accept_token(token_id))
@@ -81,7 +100,7 @@ class XGrammarCompiled(CompiledGrammar):
         self.compiled = compiled
 
     def new_matcher(self) -> GrammarMatcher:
-        return XGrammarMatcher(self.backend, xgr.GrammarMatcher(self.compiled))
+        return XGrammarMatcher(self.backend, xgr.GrammarMatcher(self.compiled), self.kind == "json_schema")
 
 
 class XGrammarBackend(GrammarBackend):
@@ -98,6 +117,15 @@ class XGrammarBackend(GrammarBackend):
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=max(1, num_threads), cache_enabled=False)
         self._cuda_backend: _Kernel | None = None
         self._batch = xgr.BatchGrammarMatcher(max_threads=max(1, num_threads))
+        self._json_allowed: torch.Tensor | None = None
+        self._json_lock = threading.Lock()
+
+    def json_allowed(self) -> torch.Tensor:
+        """Tokens a compact JSON text may contain (built once, on the first JSON compile)."""
+        with self._json_lock:
+            if self._json_allowed is None:
+                self._json_allowed = control_free_bitmask(self.info, self.vocab_size)
+            return self._json_allowed
 
     def compile(self, kind: str, spec: str) -> CompiledGrammar:
         try:
@@ -105,6 +133,7 @@ class XGrammarBackend(GrammarBackend):
                 compiled = self.compiler.compile_regex(spec)
             elif kind == "json_schema":
                 compiled = self.compiler.compile_json_schema(self._schema(spec), any_whitespace=self.any_whitespace)
+                self.json_allowed()
             elif kind == "ebnf":
                 compiled = self.compiler.compile_grammar(spec)
             else:
@@ -134,6 +163,9 @@ class XGrammarBackend(GrammarBackend):
             super().fill_bitmask(matchers, bitmask, rows)
             return
         self._batch.batch_fill_next_token_bitmask(handles, bitmask, rows)
+        json_rows = [row for m, row in zip(matchers, rows, strict=True) if isinstance(m, XGrammarMatcher) and m.json_text]
+        if json_rows:
+            bitmask[json_rows] &= self.json_allowed()
 
     def allocate_bitmask(self, rows: int) -> torch.Tensor:
         return xgr.allocate_token_bitmask(rows, self.vocab_size)
