@@ -9,15 +9,16 @@ at once can fail ("Already borrowed"), and the loop also detokenizes with it.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from typing import Any
 
 from aiohttp import web
 from sglang.engine.tokenizer import Tokenizer
 from sglang.transport.types import LogprobEntry
 
-from sglang_router.errors import bad_request
+from sglang_router.errors import RouterError, bad_request
 from sglang_router.models import ModelCatalog, ModelState
 from sglang_router.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_body
 from sglang_router.request_flow import PreparedRequest, RequestFlow, SampleResult, SampleUpdate, collect
@@ -80,6 +81,23 @@ def usage(req: PreparedRequest, results: Iterable[SampleResult | SampleUpdate]) 
     }
 
 
+async def api_param_errors(
+    updates: AsyncGenerator[SampleUpdate, None], names: dict[str, str]
+) -> AsyncGenerator[SampleUpdate, None]:
+    """``updates``, with a worker's error about an SGLang parameter renamed to the API field the
+    client set (``json_schema`` -> ``response_format``). Closes ``updates`` when closed."""
+    async with contextlib.aclosing(updates):
+        try:
+            async for u in updates:
+                yield u
+        except RouterError as e:
+            api = names.get(e.param or "")
+            if api is not None and e.param is not None:
+                e.message = re.sub(rf"\b{re.escape(e.param)}\b", api, e.message)
+                e.param = api
+            raise
+
+
 class OpenAIHandlers:
     def __init__(self, flow: RequestFlow, catalog: ModelCatalog) -> None:
         self.flow = flow
@@ -101,8 +119,10 @@ class OpenAIHandlers:
             ids = model.tokenizer.encode_chat(messages, tools=body.tools, **kwargs)
         except Exception as e:  # no template, or the template rejects the conversation
             raise bad_request(f"cannot apply the chat template: {e}", "messages") from None
+        # response_format arrives at the worker as json_schema; its errors name the field set here.
+        fmt = {"json_schema": "response_format"} if body.response_format and body.response_format.type != "text" else {}
         req = self.flow.prepare(
-            model, [ids], body.sampling_params(), prompt_param="messages", param_names=OPENAI_PARAM_NAMES,
+            model, [ids], body.sampling_params(), prompt_param="messages", param_names={**OPENAI_PARAM_NAMES, **fmt},
             default_max_new_tokens=None, return_logprob=body.logprobs,
             top_logprobs_num=body.top_logprobs or 0,
         )
@@ -112,7 +132,7 @@ class OpenAIHandlers:
         def base(obj: str) -> dict[str, Any]:
             return {"id": rid, "object": obj, "created": created, "model": name}
 
-        async with contextlib.aclosing(self.flow.stream(req)) as updates:
+        async with contextlib.aclosing(api_param_errors(self.flow.stream(req), fmt)) as updates:
             if not body.stream:
                 results = await collect(updates, len(req.samples))
                 choices = [
