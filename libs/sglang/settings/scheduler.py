@@ -34,5 +34,13 @@ class SchedulerSettings(BaseSettings):
     """Attention backend name from the registry (``torch_native``, ``triton``), or ``auto``:
     ``triton`` on a CUDA device when triton is installed, else ``torch_native``."""
 
+    disable_cuda_graph: bool = False
+    """Run decode eagerly instead of replaying captured CUDA graphs (graphs need a CUDA device and
+    an attention backend that supports capture, e.g. ``triton``; otherwise decode is eager anyway)."""
+
+    cuda_graph_max_bs: int = Field(default=256, ge=1, le=4096)
+    """Largest decode batch captured in a CUDA graph (capped at ``max_running_requests``); larger
+    decode batches run eagerly."""
+
     check_integrity_when_idle: bool = True
     """Run the allocator's ``check_integrity()`` each time the engine goes idle."""

@@ -16,6 +16,7 @@ import torch
 from sglang.engine.attention import create_backend, resolve_backend_name
 from sglang.engine.memory import KVPool, PageAllocator, ReqToTokenPool
 from sglang.engine.models.loader import load_model, resolve_device
+from sglang.engine.runner.cuda_graph import CudaGraphRunner
 from sglang.engine.runner.forward_batch import ForwardBatch, ForwardMode
 from sglang.settings import CacheSettings, ModelSettings, SchedulerSettings
 
@@ -70,6 +71,12 @@ class ModelRunner:
             "KV pool: %d pages x %d tokens (%.1f MiB, %s) on %s",
             num_pages, self.page_size, self.kv_pool.nbytes / 2**20, kv_dtype, self.device,
         )
+        self.graphs: CudaGraphRunner | None = None
+        if self.device.type == "cuda" and not sched.disable_cuda_graph:
+            if hasattr(self.attn_backend, "init_cuda_graph_state"):
+                self.graphs = CudaGraphRunner(self, min(sched.cuda_graph_max_bs, sched.max_running_requests))
+            else:
+                logger.info("CUDA graphs off: attention backend %s cannot be captured", self.attn_backend.name)
 
     @property
     def max_total_tokens(self) -> int:
@@ -94,6 +101,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, inp: ModelInput) -> ModelOutput:
+        if self.graphs is not None and self.graphs.can_run(inp):
+            return ModelOutput(logits=self.graphs.run(inp))
         dev = self.device
         batch = ForwardBatch(
             mode=inp.mode,
