@@ -42,5 +42,10 @@ class SchedulerSettings(BaseSettings):
     """Largest decode batch captured in a CUDA graph (capped at ``max_running_requests``); larger
     decode batches run eagerly."""
 
+    overlap_schedule: Literal["auto", "on", "off"] = "auto"
+    """Overlap scheduling: schedule decode step N+1 and launch it before reading step N's sampled
+    tokens on the host, so the CPU's per-step work hides behind the GPU. ``auto``: on for CUDA
+    devices (on CPU the forward is synchronous and there is nothing to hide)."""
+
     check_integrity_when_idle: bool = True
     """Run the allocator's ``check_integrity()`` each time the engine goes idle."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sglang.engine.runner.forward_batch import ForwardBatch, ForwardMode
+from sglang.engine.runner.futures import resolve_futures
 
 if TYPE_CHECKING:
     from sglang.engine.runner.model_runner import ModelInput, ModelRunner
@@ -132,5 +133,8 @@ class CudaGraphRunner:
         self.inputs[:, :bs].copy_(h[:, :bs], non_blocking=True)
         self._copied = torch.cuda.Event()
         self._copied.record()
+        if inp.future_ids is not None:
+            ids = self.inputs[_IDS, :bs]
+            ids.copy_(resolve_futures(ids, inp.future_ids))
         self.graphs[bs].replay()
         return self.outputs[bs][:n]

@@ -18,6 +18,7 @@ from sglang.engine.memory import KVPool, PageAllocator, ReqToTokenPool
 from sglang.engine.models.loader import load_model, resolve_device
 from sglang.engine.runner.cuda_graph import CudaGraphRunner
 from sglang.engine.runner.forward_batch import ForwardBatch, ForwardMode
+from sglang.engine.runner.futures import resolve_futures
 from sglang.settings import CacheSettings, ModelSettings, SchedulerSettings
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ class ModelInput:
     prefix_lens: list[int]
     extend_lens: list[int]
     logit_indices: list[int]  # packed token indices whose logits are wanted, in output order
+    # Overlap scheduling: input ids ``-(row + 1)`` stand for ``future_ids[row]`` (device tensor).
+    future_ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -104,9 +107,12 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(inp):
             return ModelOutput(logits=self.graphs.run(inp))
         dev = self.device
+        input_ids = torch.tensor(inp.input_ids, dtype=torch.int64, device=dev)
+        if inp.future_ids is not None:
+            input_ids = resolve_futures(input_ids, inp.future_ids)
         batch = ForwardBatch(
             mode=inp.mode,
-            input_ids=torch.tensor(inp.input_ids, dtype=torch.int64, device=dev),
+            input_ids=input_ids,
             positions=torch.tensor(inp.positions, dtype=torch.int64, device=dev),
             req_pool_indices=torch.tensor(inp.req_rows, dtype=torch.int64, device=dev),
             seq_lens=torch.tensor(

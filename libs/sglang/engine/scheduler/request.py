@@ -83,6 +83,9 @@ class Request:
     # Structured output: this sample's own matcher (regex / json_schema / ebnf), which has accepted
     # exactly ``output_ids``. Retraction keeps both, so it stays consistent.
     grammar: GrammarMatcher | None = None
+    # Overlap scheduling: rows of this request's sampled tokens in batches still in flight, oldest
+    # first; ``num_known`` counts them (see engine/scheduler/overlap.py).
+    pending_futures: list[int] = field(default_factory=list)
     stop_matched: bool = False
     text: str = ""  # output text with any stop string trimmed
     sent_text_len: int = 0  # characters already streamed
@@ -109,7 +112,7 @@ class Request:
 
     @property
     def num_known(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output_ids) + len(self.pending_futures)
 
     @property
     def num_pending(self) -> int:
@@ -121,15 +124,25 @@ class Request:
 
     def token_at(self, pos: int) -> int:
         n = len(self.prompt_ids)
-        return self.prompt_ids[pos] if pos < n else self.output_ids[pos - n]
+        if pos < n:
+            return self.prompt_ids[pos]
+        m = len(self.output_ids)
+        return self.output_ids[pos - n] if pos - n < m else -(self.pending_futures[pos - n - m] + 1)
 
     def tokens(self, start: int, end: int) -> list[int]:
+        """Tokens ``start .. end``; a token sampled by a batch still in flight (overlap scheduling)
+        is the placeholder ``-(row + 1)`` the model runner resolves on the device."""
         n = len(self.prompt_ids)
         if end <= n:
             return self.prompt_ids[start:end]
+        host = n + len(self.output_ids)
         if start >= n:
-            return self.output_ids[start - n : end - n]
-        return self.prompt_ids[start:] + self.output_ids[: end - n]
+            out = self.output_ids[start - n : end - n]
+        else:
+            out = self.prompt_ids[start:] + self.output_ids[: end - n]
+        if end > host:
+            out += [-(f + 1) for f in self.pending_futures[max(start - host, 0) : end - host]]
+        return out
 
     def init_logprobs(self) -> None:
         """Call once before scheduling: position 0 of the prompt is reported with no logprob."""

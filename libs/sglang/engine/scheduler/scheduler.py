@@ -6,7 +6,9 @@ updated requests).
 Requests join between steps. A step is either an EXTEND batch (prompt chunks of newly admitted or
 partly prefilled requests, bounded by ``chunked_prefill_size``) or a DECODE batch (one token for
 every running request). When a decode step cannot get pages, the newest running requests are
-retracted to the front of the waiting queue and recomputed later.
+retracted to the front of the waiting queue and recomputed later. With overlap scheduling (on
+for CUDA), plain decode steps are launched before the previous step's tokens are read on the host
+(engine/scheduler/overlap.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from sglang.engine.scheduler.disagg import DecodeSide, PrefillSide
 from sglang.engine.scheduler.grammar_phase import GrammarPhase
 from sglang.engine.scheduler.kv_slots import KVSlots
 from sglang.engine.scheduler.output_processor import OutputProcessor
+from sglang.engine.scheduler.overlap import InflightBatch, overlappable
 from sglang.engine.scheduler.policy import create_policy
 from sglang.engine.scheduler.request import FinishReason, Request, Status
 from sglang.settings import SchedulerSettings
@@ -68,6 +71,10 @@ class Scheduler:
         self.num_retractions = 0
         self.num_steps = 0
         self.idle = True  # the last step ran no batch (the loop may sleep while transfers are pending)
+        mode = settings.overlap_schedule
+        self.overlap = mode == "on" or (mode == "auto" and runner.device.type == "cuda")
+        self.inflight: InflightBatch | None = None
+        self.num_overlapped_steps = 0
 
     # ---- requests in and out -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -117,14 +124,80 @@ class Scheduler:
             # with the KV, and holding it back for a decode step would add that step to TTFT.
             self.idle = False
             return updated
+        done = self._resolve() if self.inflight is not None and not self._may_run_ahead() else []
         batch = self.schedule()
-        self.idle = batch is None
         if batch is None:
-            return updated
-        out = self.runner.forward(self._model_input(batch))
-        mask = self.grammar.fill(batch)  # CPU work before anything waits on the logits
+            if self.inflight is not None:
+                done += self._resolve()
+            self.idle = not done
+            return done
+        self.idle = False
         self.num_steps += 1
-        return updated + self._update(batch, out.logits, mask)
+        if self.overlap and batch.mode is ForwardMode.DECODE and overlappable(batch):
+            # Launch this batch before reading the previous one's tokens (placeholders stand in).
+            prev = self.inflight
+            inp = self._model_input(batch, prev.next_ids if prev is not None else None)
+            logits = self.runner.forward(inp).logits
+            nxt = self._launch(batch, logits)
+            self.num_overlapped_steps += 1
+            done += self._resolve() if prev is not None else []
+            self.inflight = nxt
+            return done
+        if self.inflight is not None:
+            if batch.mode is ForwardMode.DECODE:
+                # Its inputs include in-flight tokens: read them first (finished requests drop out).
+                done += self._resolve()
+                batch.entries = [e for e in batch.entries if not e.req.finished]
+                if not batch.entries:
+                    return done
+                out = self.runner.forward(self._model_input(batch))
+            else:  # admitted prompts only (``_may_run_ahead``): independent of the tokens in flight
+                out = self.runner.forward(self._model_input(batch))
+                done += self._resolve()
+        else:
+            out = self.runner.forward(self._model_input(batch))
+        mask = self.grammar.fill(batch)  # CPU work before anything waits on the logits
+        return done + self._update(batch, out.logits, mask)
+
+    # ---- overlap scheduling (engine/scheduler/overlap.py) -----------------------------------
+    def _may_run_ahead(self) -> bool:
+        """Whether the next step may be scheduled with a batch in flight: no running request is
+        mid-prefill (a chunk could retract) and the next decode step needs no retraction."""
+        need = 0
+        for r in self.running:
+            if r.status is Status.RUNNING and self._in_prefill(r):
+                return False
+            need += self.kv.pages_needed(r, r.num_known)
+        return need <= self.kv.available_pages
+
+    def _launch(self, batch: ScheduledBatch, logits: torch.Tensor) -> InflightBatch:
+        reqs = [e.req for e in batch.entries]
+        for e in batch.entries:
+            e.req.num_computed = e.end
+        sb = SamplingBatch.build(
+            [r.params for r in reqs], [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],
+            self.eos_token_ids, self.vocab_size, logits.device, [r.generator for r in reqs],
+        )
+        res = self.sampler(logits, sb, None)
+        return InflightBatch.launch(reqs, res.next_token_ids, res.logprobs)
+
+    def _resolve(self) -> list[Request]:
+        """Read the in-flight batch's tokens and append them (a finished request's are dropped)."""
+        inf = self.inflight
+        assert inf is not None
+        self.inflight = None
+        ids, lps = inf.wait()
+        updated: list[Request] = []
+        for i, req in enumerate(inf.reqs):
+            if req.finished:
+                continue
+            assert req.pending_futures and req.pending_futures[0] == i, (req.rid, req.pending_futures, i)
+            req.pending_futures.pop(0)
+            reason = self.grammar.append(req, ids[i], lps[i], None)
+            if reason is not None:
+                self._finish(req, reason)
+            updated.append(req)
+        return updated
 
     def schedule(self) -> ScheduledBatch | None:
         entries = self._schedule_extend()
@@ -200,10 +273,17 @@ class Scheduler:
         return -(-tokens // self.kv.page_size)
 
     def _schedule_decode(self) -> list[Entry]:
-        for req in sorted(self.running, key=lambda r: r.arrival):
+        # With a batch in flight, a request whose in-flight token is its last allowed one waits to
+        # be finished by that token instead of computing one more.
+        reqs = [r for r in self.running if not (r.pending_futures and self._at_length_limit(r))]
+        for req in sorted(reqs, key=lambda r: r.arrival):
             if req.status is Status.RUNNING:
                 self._grow_or_retract(req, req.num_known, protect=[])
-        return [self._entry(r, 1) for r in self.running if r.status is Status.RUNNING]
+        return [self._entry(r, 1) for r in reqs if r.status is Status.RUNNING]
+
+    def _at_length_limit(self, req: Request) -> bool:
+        n = len(req.output_ids) + len(req.pending_futures)
+        return n >= req.params.max_new_tokens or req.num_known >= self.runner.context_length
 
     def _grow_or_retract(self, req: Request, upto: int, protect: list[Request]) -> bool:
         """Make room for ``req`` up to ``upto`` tokens, retracting newer requests if needed."""
@@ -246,7 +326,7 @@ class Scheduler:
         return e
 
     # ---- run phase input -------------------------------------------------------------------
-    def _model_input(self, batch: ScheduledBatch) -> ModelInput:
+    def _model_input(self, batch: ScheduledBatch, future_ids: torch.Tensor | None = None) -> ModelInput:
         ids: list[int] = []
         pos: list[int] = []
         locs: list[torch.Tensor] = []
@@ -269,6 +349,7 @@ class Scheduler:
             prefix_lens=[e.start for e in batch.entries],
             extend_lens=[e.num_tokens for e in batch.entries],
             logit_indices=logit_idx,
+            future_ids=future_ids,
         )
 
     # ---- sample + update phases ------------------------------------------------------------
@@ -338,6 +419,9 @@ class Scheduler:
             self.waiting.remove(req)
         if self.prefill_pd is not None and self.prefill_pd.owns(req):
             self.prefill_pd.on_finish(req)  # not a transfer's end: cancel the room before freeing pages
+        if req.pending_futures:  # tokens of batches in flight are dropped (overlap scheduling)
+            req.pending_futures.clear()
+            req.num_computed = min(req.num_computed, req.num_known)
         self.kv.release(req)
         req.finish_reason = reason
         req.status = Status.FINISHED
