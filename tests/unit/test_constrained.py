@@ -243,3 +243,23 @@ def test_json_strings_never_hold_raw_control_characters(backend: GrammarBackend,
     allowed = _allowed(single)
     assert not allowed & control
     assert {t for t, s in texts.items() if s in ("a", "é", '"')} <= allowed  # text and the closing quote
+
+
+def test_adaptive_fill_uses_the_pool_only_when_rows_are_slow(backend: GrammarBackend) -> None:
+    from sglang.engine.constrained.xgrammar_backend import AdaptiveFill
+
+    ms = [backend.compile("regex", "[0-9]{2}|[a-z]+").new_matcher() for _ in range(6)]
+    handles = [m._m for m in ms]  # type: ignore[attr-defined]
+    rows = [5, 4, 3, 2, 1, 0]
+    fill = AdaptiveFill(threads=2)
+    serial = backend.allocate_bitmask(6)
+    for _ in range(3):
+        fill(handles, serial, rows)
+    assert fill.row_cost_s > 0 and fill._pooled == 0  # microseconds a row: never worth the pool
+    fill.PARALLEL_ABOVE_S = 0.0  # every batch now counts as slow
+    pooled = backend.allocate_bitmask(6)
+    for _ in range(fill.PROBE_EVERY):
+        pooled.zero_()
+        fill(handles, pooled, rows)
+        assert torch.equal(pooled, serial)
+    assert fill._pooled == fill.PROBE_EVERY  # the last of these was a serial probe

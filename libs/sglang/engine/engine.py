@@ -136,7 +136,7 @@ class Engine:
             )
         return create_grammar_backend(
             GRAMMAR_BACKEND, tokenizer=self.tokenizer.hf, vocab_size=self.runner.info.vocab_size,
-            stop_token_ids=list(self.eos_token_ids), num_threads=min(4, os.cpu_count() or 1),
+            stop_token_ids=list(self.eos_token_ids), num_threads=min(8, os.cpu_count() or 1),
         )
 
     def _compile_grammar(self, params: SamplingParams) -> CompiledGrammar | None:

@@ -11,8 +11,9 @@ accepts them.
 Field mapping: ``max_completion_tokens`` / ``max_tokens`` -> ``max_new_tokens``; ``min_tokens`` ->
 ``min_new_tokens``; ``logprobs`` + ``top_logprobs`` (chat) or ``logprobs: k`` (completions) ->
 ``return_logprob`` + ``top_logprobs_num``; ``response_format`` ``json_schema`` -> ``json_schema`` (the
-schema as a JSON string), ``json_object`` -> ``json_schema`` ``{"type": "object"}`` (enforced by the
-worker's grammar backend when it has one).
+schema as a JSON string), ``json_object`` -> ``json_schema`` ``{"type": "object"}`` (any JSON object);
+the worker's grammar backend enforces them, and its errors about ``json_schema`` name
+``response_format`` (see ``openai_api.api_param_errors``).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from typing import Any, Literal
 
 import torch
@@ -93,6 +94,38 @@ class XGrammarMatcher(GrammarMatcher):
         return bool(self._m.is_terminated())
 
 
+class AdaptiveFill:
+    """One C++ call fills a batch of rows, on xgrammar's thread pool only when that pays.
+
+    Most grammar states fill a row in microseconds, less than handing work to the pool costs (about
+    0.1 ms here); a few (a ``maxLength`` string over a 128k vocabulary) take milliseconds a row. The
+    serial fill is timed; the pool is used while the expected serial time of a batch exceeds
+    ``PARALLEL_ABOVE_S``, and every ``PROBE_EVERY``-th pooled fill runs serially to re-measure.
+    """
+
+    PARALLEL_ABOVE_S = 1e-3
+    PROBE_EVERY = 32
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._serial = xgr.BatchGrammarMatcher(max_threads=1)
+        self._pool = xgr.BatchGrammarMatcher(max_threads=threads) if threads > 1 else None
+        self.row_cost_s = 0.0  # running estimate of one row's serial fill
+        self._pooled = 0
+
+    def __call__(self, handles: list[xgr.GrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
+        pool = self._pool is not None and len(handles) > 1 and self.row_cost_s * len(handles) > self.PARALLEL_ABOVE_S
+        if pool and self._pooled % self.PROBE_EVERY != self.PROBE_EVERY - 1:
+            self._pooled += 1
+            self._pool.batch_fill_next_token_bitmask(handles, bitmask, rows)  # type: ignore[union-attr]
+            return
+        self._pooled += pool
+        t0 = time.perf_counter()
+        self._serial.batch_fill_next_token_bitmask(handles, bitmask, rows)
+        per_row = (time.perf_counter() - t0) / len(handles)
+        self.row_cost_s = per_row if self.row_cost_s == 0.0 else 0.7 * self.row_cost_s + 0.3 * per_row
+
+
 class XGrammarCompiled(CompiledGrammar):
     def __init__(self, backend: XGrammarBackend, kind: str, spec: str, compiled: xgr.CompiledGrammar) -> None:
         super().__init__(kind, spec)
@@ -116,7 +149,7 @@ class XGrammarBackend(GrammarBackend):
         # xgrammar's own cache stays off: GrammarCache keeps compiled grammars, once per key.
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=max(1, num_threads), cache_enabled=False)
         self._cuda_backend: _Kernel | None = None
-        self._batch = xgr.BatchGrammarMatcher(max_threads=max(1, num_threads))
+        self._fill = AdaptiveFill(max(1, num_threads))
         self._json_allowed: torch.Tensor | None = None
         self._json_lock = threading.Lock()
 
@@ -157,12 +190,11 @@ class XGrammarBackend(GrammarBackend):
         return spec
 
     def fill_bitmask(self, matchers: list[GrammarMatcher], bitmask: torch.Tensor, rows: list[int]) -> None:
-        # One call for the batch: xgrammar fills the rows on its own threads.
         handles = [m._m for m in matchers if isinstance(m, XGrammarMatcher)]
         if len(handles) != len(matchers):
             super().fill_bitmask(matchers, bitmask, rows)
             return
-        self._batch.batch_fill_next_token_bitmask(handles, bitmask, rows)
+        self._fill(handles, bitmask, rows)
         json_rows = [row for m, row in zip(matchers, rows, strict=True) if isinstance(m, XGrammarMatcher) and m.json_text]
         if json_rows:
             bitmask[json_rows] &= self.json_allowed()
