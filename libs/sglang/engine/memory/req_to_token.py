@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from sglang.utils.tensors import to_device
+
 
 class ReqToTokenPool:
     """Fixed table ``[max_reqs, max_context_len]`` of int32 slots plus a free list of rows."""
@@ -34,4 +36,6 @@ class ReqToTokenPool:
 
     def write(self, row: int, start: int, slots: torch.Tensor) -> None:
         """Record ``slots`` as the KV slots of tokens ``start .. start+len(slots)`` of ``row``."""
-        self.table[row, start : start + slots.numel()] = slots.to(self.table.device)
+        if slots.device != self.table.device:
+            slots = to_device(slots, self.table.dtype, self.table.device)
+        self.table[row, start : start + slots.numel()] = slots

@@ -129,8 +129,9 @@ class CudaGraphRunner:
         h[_POS, :n] = torch.tensor(inp.positions, dtype=torch.int64)
         h[_ROWS, :n] = torch.tensor(inp.req_rows, dtype=torch.int64)
         h[_LENS, :n] = torch.tensor([p + e for p, e in zip(inp.prefix_lens, inp.extend_lens, strict=True)])
-        h[_LOCS, :n] = inp.out_cache_loc.to(torch.int64).cpu()
+        h[_LOCS, :n] = 0
         self.inputs[:, :bs].copy_(h[:, :bs], non_blocking=True)
+        self.inputs[_LOCS, :n].copy_(inp.out_cache_loc)  # already on the device (a req-to-token slice)
         self._copied = torch.cuda.Event()
         self._copied.record()
         if inp.future_ids is not None:

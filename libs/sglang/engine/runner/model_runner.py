@@ -20,6 +20,7 @@ from sglang.engine.runner.cuda_graph import CudaGraphRunner
 from sglang.engine.runner.forward_batch import ForwardBatch, ForwardMode
 from sglang.engine.runner.futures import resolve_futures
 from sglang.settings import CacheSettings, ModelSettings, SchedulerSettings
+from sglang.utils.tensors import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -107,17 +108,15 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(inp):
             return ModelOutput(logits=self.graphs.run(inp))
         dev = self.device
-        input_ids = torch.tensor(inp.input_ids, dtype=torch.int64, device=dev)
+        input_ids = to_device(inp.input_ids, torch.int64, dev)
         if inp.future_ids is not None:
             input_ids = resolve_futures(input_ids, inp.future_ids)
         batch = ForwardBatch(
             mode=inp.mode,
             input_ids=input_ids,
-            positions=torch.tensor(inp.positions, dtype=torch.int64, device=dev),
-            req_pool_indices=torch.tensor(inp.req_rows, dtype=torch.int64, device=dev),
-            seq_lens=torch.tensor(
-                [p + e for p, e in zip(inp.prefix_lens, inp.extend_lens, strict=True)], dtype=torch.int64, device=dev
-            ),
+            positions=to_device(inp.positions, torch.int64, dev),
+            req_pool_indices=to_device(inp.req_rows, torch.int64, dev),
+            seq_lens=to_device([p + e for p, e in zip(inp.prefix_lens, inp.extend_lens, strict=True)], torch.int64, dev),
             out_cache_loc=inp.out_cache_loc.to(dev),
             prefix_lens_cpu=inp.prefix_lens,
             extend_lens_cpu=inp.extend_lens,
@@ -127,6 +126,6 @@ class ModelRunner:
         )
         self.attn_backend.init_forward_metadata(batch)
         hidden = self.model(batch.input_ids, batch.positions, batch)
-        idx = torch.tensor(inp.logit_indices, dtype=torch.int64, device=dev)
+        idx = to_device(inp.logit_indices, torch.int64, dev)
         logits = self.model.compute_logits(hidden.index_select(0, idx)).float()
         return ModelOutput(logits=logits)

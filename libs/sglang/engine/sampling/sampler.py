@@ -35,6 +35,7 @@ from sglang.engine.sampling.penalties import (
     apply_repetition_penalty,
     build_token_counts,
 )
+from sglang.utils.tensors import to_device
 
 
 @dataclass
@@ -116,7 +117,7 @@ class SamplingBatch:
         sort_rows = [i for i in range(batch) if wants_top_k[i] or wants_top_p[i]]
 
         def f32(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+            return to_device(values, torch.float32, device)
 
         out = cls(
             vocab_size=vocab_size,
@@ -124,10 +125,10 @@ class SamplingBatch:
                 -1, 1
             ),
             top_ps=f32([p.top_p for p in params]),
-            top_ks=torch.tensor(top_ks, dtype=torch.int64, device=device),
+            top_ks=to_device(top_ks, torch.int64, device),
             min_ps=f32([p.min_p for p in params]),
             is_greedy=greedy,
-            greedy_mask=torch.tensor(greedy, dtype=torch.bool, device=device),
+            greedy_mask=to_device(greedy, torch.bool, device),
             is_all_greedy=all(greedy),
             need_top_k=any(wants_top_k),
             need_top_p=any(wants_top_p),
@@ -135,7 +136,7 @@ class SamplingBatch:
             generators=list(generators),
         )
         if 0 < len(sort_rows) < batch:
-            out.sort_rows = torch.tensor(sort_rows, dtype=torch.int64, device=device)
+            out.sort_rows = to_device(sort_rows, torch.int64, device)
 
         if any(p.repetition_penalty != 1.0 for p in params):
             out.repetition_penalties = f32([p.repetition_penalty for p in params])
