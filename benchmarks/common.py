@@ -4,14 +4,24 @@ Run the benchmarks as scripts from the repository root (``.venv/bin/python bench
 this module is imported as ``common`` (the scripts put their own folder on ``sys.path``).
 
 Rule 12 of the design: print what the hardware allows next to what was achieved. ``hardware_info``
-measures the two numbers that bound a CPU forward pass -- memory bandwidth (a large tensor copy)
-and matmul throughput -- and ``ModelCost`` turns a model config into bytes and FLOPs per step, so a
-benchmark can print "achieved X GB/s of Y" and "floor Z ms/step" next to its timings.
+measures the two numbers that bound a forward pass -- memory bandwidth (a large tensor copy) and
+matmul throughput -- on the CPU (``perf_counter``) or on a CUDA GPU (device-to-device copy of 1 GiB
+and a bf16 8192^3 matmul, timed with CUDA events), and ``ModelCost`` turns a model config into bytes
+and FLOPs per step, so a benchmark can print "achieved X GB/s of Y" and "floor Z ms/step" next to
+its timings.
+
+Models: ``--model-path`` (an HF folder), ``--tiny`` (a small random Llama saved as safetensors), or
+``--model-shape NAME`` (``MODEL_SHAPES``: only a config.json is written to the cache folder and the
+engine runs with ``load_format="dummy"``; the HF baseline is built from the same config with random
+weights). ``add_model_args`` / ``resolve_bench_model`` / ``engine_kwargs`` / ``load_hf_baseline``
+give every script the same flags and the same engine settings per device.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
+import gc
 import hashlib
 import json
 import os
@@ -43,6 +53,28 @@ TINY_LLAMA: dict[str, Any] = {
     "bos_token_id": 1,
     "eos_token_id": 2,
     "pad_token_id": 0,
+}
+
+
+# Model shapes for ``--model-shape``: config.json only, dummy weights (no download, no files to
+# read). One place for every benchmark (pd_transfer.py keeps its own copy: it runs elsewhere).
+MODEL_SHAPES: dict[str, dict[str, Any]] = {
+    "llama3-8b": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0, "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001,
+        "tie_word_embeddings": False, "hidden_act": "silu", "initializer_range": 0.02,
+    },
+    "qwen3-0.6b": {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
+        "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+        "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151645,
+        "tie_word_embeddings": True, "hidden_act": "silu", "attention_bias": False, "initializer_range": 0.02,
+    },
+    # For smoke tests on a CPU: the tiny Llama's shape, dummy weights.
+    "tiny": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **TINY_LLAMA},
 }
 
 
@@ -89,6 +121,119 @@ def resolve_model(model_path: str | None, tiny: bool) -> tuple[str, str]:
 
         return default_model_path(), DEFAULT_MODEL_NAME
     return model_path, Path(model_path).name
+
+
+def shape_path(shape: str) -> str:
+    """Write (once) ``MODEL_SHAPES[shape]`` as config.json into the cache folder; returns the folder
+    (no weights: load it with ``load_format="dummy"``)."""
+    cfg = MODEL_SHAPES[shape]
+    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+    path = cache_dir() / f"shape-{shape}-{key}"
+    if not (path / "config.json").is_file():
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / f"config.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(cfg, indent=1))
+        os.replace(tmp, path / "config.json")
+    return str(path)
+
+
+@dataclass
+class BenchModel:
+    """What a benchmark runs: a folder, a display name, and whether the weights are dummy."""
+
+    path: str
+    name: str
+    dummy: bool  # config.json only: engine load_format="dummy", HF from_config with random weights
+
+
+def add_model_args(p: argparse.ArgumentParser, default_device: str = "cpu") -> None:
+    """The flags every engine benchmark shares (model, device, dtype, engine settings on GPU)."""
+    p.add_argument("--model-path", default=None, help="HF folder; default: SmolLM2-135M-Instruct")
+    p.add_argument("--tiny", action="store_true", help="a tiny random Llama (built once into the cache)")
+    p.add_argument("--model-shape", default=None, choices=sorted(MODEL_SHAPES),
+                   help="a config.json only, dummy weights (engine load_format=dummy, HF from_config)")
+    p.add_argument("--device", default=default_device, choices=["cpu", "cuda", "auto"],
+                   help=f"where both engines run (default {default_device}; auto: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--attention-backend", default=None,
+                   help="default: auto on cuda (triton + CUDA graphs), torch_native on cpu")
+    p.add_argument("--disable-cuda-graph", action="store_true", help="run decode eagerly on cuda")
+    p.add_argument("--mem-fraction-static", type=float, default=0.85,
+                   help="cuda: fraction of GPU memory for weights + KV pool")
+
+
+def finish_model_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check the shared flags and fill in the per-device defaults."""
+    if sum(bool(x) for x in (args.tiny, args.model_path, args.model_shape)) > 1:
+        p.error("--tiny, --model-path and --model-shape exclude each other")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but CUDA is not available")
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device == "cuda" else "float32"
+    if args.attention_backend is None:
+        args.attention_backend = "auto" if args.device == "cuda" else "torch_native"
+
+
+def resolve_bench_model(args: argparse.Namespace) -> BenchModel:
+    if args.model_shape:
+        return BenchModel(shape_path(args.model_shape), f"{args.model_shape} shape (dummy weights)", True)
+    path, name = resolve_model(args.model_path, args.tiny)
+    return BenchModel(path, name, False)
+
+
+def engine_kwargs(args: argparse.Namespace, model: BenchModel) -> dict[str, Any]:
+    """Model, device and backend settings for ``sglang.Engine`` from the shared flags (the caller
+    adds batching limits; on cuda the KV pool is sized by ``mem_fraction_static``)."""
+    kw: dict[str, Any] = {
+        "dtype": args.dtype, "device": args.device, "attention_backend": args.attention_backend,
+        "load_format": "dummy" if model.dummy else "auto",
+    }
+    if args.device == "cuda":
+        kw["mem_fraction_static"] = args.mem_fraction_static
+        kw["disable_cuda_graph"] = args.disable_cuda_graph
+    return kw
+
+
+def free_engine(engine: Any) -> None:
+    """Shut ``engine`` down and give its GPU memory back before the next engine or HF model."""
+    engine.shutdown()
+    runner = getattr(engine, "runner", None)
+    if runner is not None and getattr(runner, "graphs", None) is not None:
+        runner.graphs = None  # captured graphs keep their memory pool alive
+    del engine, runner
+    release_memory()
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def load_hf_baseline(model: BenchModel, dtype: torch.dtype, device: str) -> Any:
+    """HF transformers on the same model: ``from_pretrained`` for a folder with weights, or
+    ``from_config`` with random weights (built directly on ``device``) for a shape."""
+    if not model.dummy:
+        return load_hf_model(model.path, dtype).to(device)
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    cfg = load_hf_config(model.path)
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return hf.to(device).eval()
+
+
+def sync(device: str) -> None:
+    """Wait for the GPU (no-op on cpu): every timed region on cuda starts and ends with one."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def has_tokenizer(path: str) -> bool:
@@ -170,9 +315,18 @@ class ModelCost:
     def decode_bytes(self, batch: int, context: int) -> int:
         """Bytes a decode step must read at least: every layer weight and the LM head once, the
         embedding rows of the batch, and the K/V of every context token of every request."""
+        return self.decode_step_bytes(batch, batch * context)
+
+    def decode_step_bytes(self, batch: int, total_context: int) -> int:
+        """``decode_bytes`` for a batch whose contexts add up to ``total_context`` tokens."""
         weights = (self.layer_params + self.lm_head_params + self.hidden) * self.dtype_bytes
         embed_rows = batch * self.hidden * self.dtype_bytes
-        return weights + embed_rows + batch * context * self.kv_bytes_per_token()
+        return weights + embed_rows + total_context * self.kv_bytes_per_token()
+
+    def decode_step_flops(self, batch: int, total_context: int) -> float:
+        """FLOPs of one decode step: one token per request attending to ``total_context`` keys in all."""
+        dense = 2.0 * (self.layer_params + self.lm_head_params) * batch
+        return dense + 4.0 * self.num_layers * self.num_heads * self.head_dim * total_context
 
     def forward_flops(self, new_tokens: int, context_after: int, logits_rows: int) -> float:
         """FLOPs of one request's forward: ``new_tokens`` tokens ending at ``context_after``
@@ -180,7 +334,7 @@ class ModelCost:
         dense = 2.0 * self.layer_params * new_tokens
         start = context_after - new_tokens
         # Scores and weighted sum: 2 matmuls x 2 FLOPs per (query, key, head, dim).
-        keys = sum(start + i + 1 for i in range(new_tokens))
+        keys = new_tokens * start + new_tokens * (new_tokens + 1) // 2
         attn = 4.0 * self.num_layers * self.num_heads * self.head_dim * keys
         head = 2.0 * self.lm_head_params * logits_rows
         return dense + attn + head
@@ -229,6 +383,48 @@ def measure_matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 1024, rep
         t0 = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best / 1e9
+
+
+def measure_gpu_bandwidth_gbs(mib: int = 1024, repeats: int = 10) -> float:
+    """Best of ``repeats`` device-to-device copies of a ``mib`` MiB buffer, timed with CUDA
+    events; counts read + write bytes (the HBM traffic of the copy)."""
+    src = torch.ones(mib * 2**20 // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(repeats):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    nbytes = 2 * src.numel() * src.element_size()
+    del src, dst
+    return nbytes / best / 1e9
+
+
+def measure_gpu_matmul_gflops(dtype: torch.dtype = torch.bfloat16, n: int = 8192, repeats: int = 5,
+                              inner: int = 10) -> float:
+    """Dense ``n x n x n`` matmul rate on the GPU: best of ``repeats`` timings (CUDA events) of
+    ``inner`` back-to-back matmuls, after a warm-up that lets the clocks ramp up."""
+    a = torch.randn(n, n, device="cuda").to(dtype)
+    b = torch.randn(n, n, device="cuda").to(dtype)
+    c = torch.empty(n, n, device="cuda", dtype=dtype)
+    for _ in range(inner):
+        torch.mm(a, b, out=c)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(repeats):
+        start.record()
+        for _ in range(inner):
+            torch.mm(a, b, out=c)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3 / inner)
+    del a, b, c
     return 2.0 * n**3 / best / 1e9
 
 
@@ -304,14 +500,30 @@ class Hardware:
     matmul_dtype: str
     commit: str
     others_cores: float  # CPU used by other processes when the benchmark started
+    gpu: str = ""  # set when the bandwidth and matmul numbers were measured on a CUDA GPU
+    cuda: str = ""
+
+    @property
+    def on_gpu(self) -> bool:
+        return bool(self.gpu)
 
     def line(self) -> str:
+        if self.on_gpu:
+            return (
+                f"{self.gpu}, CUDA {self.cuda}, torch {self.torch}, transformers {self.transformers}, "
+                f"Python {self.python}; host {self.cpu}, {self.cores} cores"
+            )
         return (
             f"{self.cpu}, {self.cores} cores, torch {self.torch} ({self.threads} thread{'s' if self.threads != 1 else ''}), "
             f"transformers {self.transformers}, Python {self.python}"
         )
 
     def roof_line(self) -> str:
+        if self.on_gpu:
+            return (
+                f"measured: device-to-device copy {self.bandwidth_gbs:.0f} GB/s (read + write), "
+                f"dense {self.matmul_dtype} matmul {self.matmul_gflops / 1e3:.0f} TFLOP/s (8192^3)"
+            )
         return (
             f"measured: copy bandwidth {self.bandwidth_gbs:.1f} GB/s, "
             f"{self.matmul_dtype} matmul {self.matmul_gflops:.0f} GFLOP/s "
@@ -344,11 +556,19 @@ def git_commit() -> str:
         return "unknown"
 
 
-def hardware_info(dtype: torch.dtype = torch.float32, wait_quiet_s: float = 0.0) -> Hardware:
+def hardware_info(dtype: torch.dtype = torch.float32, wait_quiet_s: float = 0.0, device: str = "cpu") -> Hardware:
+    """The machine and its two limits, measured now. On ``cuda`` the limits are the GPU's (HBM
+    copy bandwidth, dense matmul in ``dtype``; the buffers are freed before returning)."""
     import transformers
 
+    on_gpu = device.startswith("cuda")
     wait_for_quiet(wait_quiet_s)
-    others = idle_load()
+    others = idle_load(0.2 if on_gpu else 1.0)
+    if on_gpu:
+        bandwidth, matmul = measure_gpu_bandwidth_gbs(), measure_gpu_matmul_gflops(dtype)
+        release_memory()
+    else:
+        bandwidth, matmul = measure_bandwidth_gbs(), measure_matmul_gflops(dtype)
     return Hardware(
         cpu=cpu_model(),
         cores=usable_cores(),
@@ -356,11 +576,13 @@ def hardware_info(dtype: torch.dtype = torch.float32, wait_quiet_s: float = 0.0)
         torch=torch.__version__,
         transformers=transformers.__version__,
         python=platform.python_version(),
-        bandwidth_gbs=measure_bandwidth_gbs(),
-        matmul_gflops=measure_matmul_gflops(dtype),
+        bandwidth_gbs=bandwidth,
+        matmul_gflops=matmul,
         matmul_dtype=str(dtype).replace("torch.", ""),
         commit=git_commit(),
         others_cores=others,
+        gpu=torch.cuda.get_device_name() if on_gpu else "",
+        cuda=str(torch.version.cuda) if on_gpu else "",
     )
 
 

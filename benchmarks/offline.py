@@ -1,10 +1,17 @@
-"""Offline throughput on nano-vllm's workload, ours against HF transformers ``generate``.
+"""Offline throughput on nano-vllm's workload (and a fixed-length one), ours against HF ``generate``.
 
     .venv/bin/python benchmarks/offline.py                       # nano-vllm's bench: 256 seqs, 100..1024
     .venv/bin/python benchmarks/offline.py --tiny --scale 0.25   # 64 seqs, lengths 25..256
     .venv/bin/python benchmarks/offline.py --scale 0.0625 --out benchmarks/results/today.md
+    python benchmarks/offline.py --device cuda --model-shape llama3-8b --workload fixed nano \
+        --requests 1000 --input-len 1024 --output-len 256 --hf-requests 64
 
-The workload is nano-vllm's ``bench.py``: ``random.seed(0)``; ``num_seqs`` prompts of random token
+Workloads (``--workload``, one or more, run one after the other on the same engine):
+
+``fixed``: ``--requests`` prompts of ``--input-len`` random token ids (below 10000, seeded), each
+generating exactly ``--output-len`` tokens (``ignore_eos``).
+
+``nano`` (the default): nano-vllm's ``bench.py``: ``random.seed(0)``; ``num_seqs`` prompts of random token
 ids below 10000, each of a length uniform in [min_len, max_len]; then for each sequence an output
 length uniform in the same range; temperature 0.6, ``ignore_eos``; throughput = requested output
 tokens / wall time of one ``generate`` call with everything submitted at once (after a warm-up).
@@ -15,19 +22,33 @@ Ours: ``engine.generate(input_ids=[...], sampling_params=[...])``, without a tok
 (HF returns ids too; ``--detokenize`` adds our incremental detokenizer to the work). ``--stream``
 runs the same call streaming and reports TTFT and ITL percentiles as well.
 
-HF baseline, same process and weights: ``generate`` in static batches of ``--hf-batch`` in request
-order, left-padded with an attention mask, ``max_new_tokens = min_new_tokens`` = the longest
-request of the batch; only the requested tokens count as useful.
+HF baseline, same process and weights (``from_config`` with random weights for a
+``--model-shape``), run after our engine has been shut down: ``generate`` on the first
+``--hf-requests`` requests (default: all; one count per workload, 0 = none) in static batches of ``--hf-batch`` in request order,
+left-padded with an attention mask, ``max_new_tokens = min_new_tokens`` = the longest request of
+the batch; only the requested tokens count as useful. The ratio ours/HF compares our output tok/s
+on the whole workload with HF's on that subset.
+
+Roofline (design rule 12), printed next to the result: prompt FLOPs / the measured matmul rate,
+plus, for every decode step our engine actually ran (its batch size and the contexts of its
+requests, recorded by wrapping ``runner.forward``), max(bytes the step must read / the measured
+bandwidth, its FLOPs / the matmul rate) -- bytes: every weight once + the K/V of every context
+token; in practice decode is memory-bound and this is the "decode bytes at the measured
+bandwidth" of issue 7. The number of decode steps is our scheduler's (printed, with the mean
+decode batch); the KV bytes do not depend on it. Prompt FLOPs count each prompt once (no credit
+for recomputation after a retraction).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,19 +57,29 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
+    BenchModel,
+    Hardware,
     LoadMeter,
     ModelCost,
+    add_model_args,
     append_section,
+    engine_kwargs,
+    finish_model_args,
+    free_engine,
     hardware_info,
     has_tokenizer,
+    load_hf_baseline,
     load_hf_config,
-    load_hf_model,
     markdown_table,
     quiet_logs,
-    resolve_model,
+    release_memory,
+    resolve_bench_model,
+    sync,
     torch_dtype,
     wait_for_quiet,
 )
+
+NAN = float("nan")
 
 
 @dataclass
@@ -57,6 +88,7 @@ class Workload:
     output_lens: list[int]
     min_len: int
     max_len: int
+    name: str = ""
 
     @property
     def prompt_tokens(self) -> int:
@@ -69,33 +101,50 @@ class Workload:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--num-seqs", type=int, default=256)
-    p.add_argument("--min-len", type=int, default=100)
-    p.add_argument("--max-len", type=int, default=1024)
-    p.add_argument("--scale", type=float, default=1.0, help="multiply num-seqs and both lengths by this")
+    p.add_argument("--workload", nargs="+", default=["nano"], choices=["nano", "fixed"],
+                   help="nano: nano-vllm's bench; fixed: --requests x --input-len / --output-len")
+    p.add_argument("--num-seqs", type=int, default=256, help="nano: sequences")
+    p.add_argument("--min-len", type=int, default=100, help="nano: shortest input and output")
+    p.add_argument("--max-len", type=int, default=1024, help="nano: longest input and output")
+    p.add_argument("--scale", type=float, default=1.0, help="nano: multiply num-seqs and both lengths by this")
+    p.add_argument("--requests", type=int, default=1000, help="fixed: requests")
+    p.add_argument("--input-len", type=int, default=1024, help="fixed: prompt tokens per request")
+    p.add_argument("--output-len", type=int, default=256, help="fixed: output tokens per request")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.6, help="nano-vllm's bench samples at 0.6")
-    p.add_argument("--model-path", default=None, help="HF folder; default: SmolLM2-135M-Instruct")
-    p.add_argument("--tiny", action="store_true", help="a tiny random Llama (built once into the cache)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--attention-backend", default="torch_native")
+    add_model_args(p)
     p.add_argument("--max-running-requests", type=int, default=256)
-    p.add_argument("--chunked-prefill-size", type=int, default=2048)
-    p.add_argument("--max-prefill-tokens", type=int, default=16384)
+    p.add_argument("--chunked-prefill-size", type=int, default=None, help="default: 2048 on cpu, 8192 on cuda")
+    p.add_argument("--max-prefill-tokens", type=int, default=None, help="default: 16384 on cpu, 8192 on cuda")
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="CPU KV pool size")
     p.add_argument("--detokenize", action="store_true", help="load the tokenizer and detokenize as we go")
     p.add_argument("--stream", action="store_true", help="stream, and report TTFT / ITL percentiles")
     p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--hf-batch", type=int, default=16)
+    p.add_argument("--hf-batch", type=int, default=None, help="HF static batch (default: 16 on cpu, 64 on cuda)")
+    p.add_argument("--hf-requests", type=int, nargs="+", default=None,
+                   help="HF runs the first N requests of a workload (default: all); one N for every "
+                        "workload or one per --workload, in order; 0 skips HF for that workload")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                    help="before each measurement wait up to S seconds for other processes to go quiet")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="append a Markdown section to this file")
     args = p.parse_args(argv)
-    if args.tiny and args.model_path:
-        p.error("--tiny and --model-path exclude each other")
+    finish_model_args(p, args)
     if not 0 < args.scale <= 1 or args.min_len < 1 or args.max_len < args.min_len:
         p.error("need 0 < --scale <= 1 and 1 <= --min-len <= --max-len")
+    if min(args.requests, args.input_len, args.output_len) < 1:
+        p.error("--requests, --input-len and --output-len must be >= 1")
+    gpu = args.device == "cuda"
+    args.chunked_prefill_size = args.chunked_prefill_size or (8192 if gpu else 2048)
+    args.max_prefill_tokens = args.max_prefill_tokens or (8192 if gpu else 16384)
+    args.hf_batch = args.hf_batch or (64 if gpu else 16)
+    args.workload = list(dict.fromkeys(args.workload))
+    hf_n = args.hf_requests or [-1]
+    if len(hf_n) == 1:
+        hf_n = hf_n * len(args.workload)
+    if len(hf_n) != len(args.workload) or min(hf_n) < -1 or -1 in (args.hf_requests or []):
+        p.error("--hf-requests: one count >= 0, or one per --workload")
+    args.hf_requests = [None if n < 0 else n for n in hf_n]  # None: all requests
     return args
 
 
@@ -108,33 +157,96 @@ def make_workload(args: argparse.Namespace, vocab: int) -> Workload:
     rng = random.Random(args.seed)
     prompts = [[rng.randint(0, top_id) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
     out_lens = [rng.randint(lo, hi) for _ in range(n)]
-    return Workload(prompts, out_lens, lo, hi)
+    return Workload(prompts, out_lens, lo, hi, f"nano-vllm x {args.scale:g}")
+
+
+def make_fixed_workload(args: argparse.Namespace, vocab: int) -> Workload:
+    """``--requests`` random prompts of exactly ``--input-len`` tokens, ``--output-len`` outputs."""
+    top_id = min(10_000, vocab - 1)
+    rng = random.Random(args.seed + 1)
+    prompts = [[rng.randint(0, top_id) for _ in range(args.input_len)] for _ in range(args.requests)]
+    return Workload(prompts, [args.output_len] * args.requests, args.input_len, args.input_len,
+                    f"fixed {args.input_len}/{args.output_len}")
+
+
+def describe(w: Workload, args: argparse.Namespace) -> str:
+    if w.name.startswith("fixed"):
+        lengths = f"input {args.input_len}, output {args.output_len} tokens each"
+    else:
+        lengths = f"seed {args.seed}, input and output lengths uniform in [{w.min_len}, {w.max_len}]"
+    return (
+        f"workload {w.name}: {len(w.prompts)} seqs, {lengths}; {w.prompt_tokens} prompt tokens, "
+        f"{w.output_tokens} output tokens; temperature {args.temperature:g}, ignore_eos"
+    )
 
 
 # ---- ours ------------------------------------------------------------------------------------
-def make_engine(path: str, args: argparse.Namespace) -> Any:
+def make_engine(model: BenchModel, args: argparse.Namespace) -> Any:
     import sglang
 
+    kw = engine_kwargs(args, model)
+    if args.device == "cpu":
+        kw["cpu_kv_cache_gib"] = args.kv_cache_gib
     return sglang.Engine(
-        path,
-        dtype=args.dtype,
-        device="cpu",
-        skip_tokenizer_init=not (args.detokenize and has_tokenizer(path)),
-        attention_backend=args.attention_backend,
+        model.path,
+        skip_tokenizer_init=not (args.detokenize and has_tokenizer(model.path)),
         max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size,
         max_prefill_tokens=args.max_prefill_tokens,
-        cpu_kv_cache_gib=args.kv_cache_gib,
+        **kw,
     )
+
+
+class StepRecorder:
+    """Records every forward our engine runs: ``(batch size, total context)`` of each decode step
+    and the number of extend steps. Shadows ``runner.forward`` with an instance attribute while
+    active (runs on the scheduler thread; one list append per step)."""
+
+    def __init__(self) -> None:
+        self.decode: list[tuple[int, int]] = []
+        self.extend_steps = 0
+
+    @contextlib.contextmanager
+    def attach(self, engine: Any) -> Iterator[StepRecorder]:
+        from sglang.engine.runner.forward_batch import ForwardMode
+
+        runner = engine.runner
+        forward = runner.forward
+
+        def recorded(inp: Any) -> Any:
+            if inp.mode is ForwardMode.DECODE:
+                self.decode.append((len(inp.extend_lens), sum(inp.prefix_lens) + len(inp.extend_lens)))
+            else:
+                self.extend_steps += 1
+            return forward(inp)
+
+        runner.forward = recorded
+        try:
+            yield self
+        finally:
+            del runner.forward
+
+    def decode_floor_s(self, cost: ModelCost, hw: Hardware) -> tuple[float, float, float]:
+        """(decode floor seconds, bytes read, FLOPs) over the recorded decode steps."""
+        bw, rate = hw.bandwidth_gbs * 1e9, hw.matmul_gflops * 1e9
+        total_s = total_b = total_f = 0.0
+        for bs, ctx in self.decode:
+            b, f = cost.decode_step_bytes(bs, ctx), cost.decode_step_flops(bs, ctx)
+            total_s += max(b / bw, f / rate)
+            total_b += b
+            total_f += f
+        return total_s, total_b, total_f
 
 
 def _params(w: Workload, temperature: float) -> list[dict[str, Any]]:
     return [{"max_new_tokens": n, "temperature": temperature, "ignore_eos": True} for n in w.output_lens]
 
 
-def run_ours(engine: Any, w: Workload, temperature: float) -> float:
+def run_ours(engine: Any, w: Workload, temperature: float, device: str = "cpu") -> float:
+    sync(device)
     t0 = time.perf_counter()
     outs = engine.generate(input_ids=w.prompts, sampling_params=_params(w, temperature))
+    sync(device)
     elapsed = time.perf_counter() - t0
     got = [o["meta_info"]["completion_tokens"] for o in outs]
     if got != w.output_lens:
@@ -172,6 +284,7 @@ def run_ours_stream(engine: Any, w: Workload, temperature: float) -> tuple[float
 # ---- HF --------------------------------------------------------------------------------------
 def run_hf(model: Any, w: Workload, batch: int, temperature: float) -> tuple[float, int]:
     """Elapsed seconds and tokens generated in all (useful + padding of shorter requests)."""
+    device = str(model.device)
     pad = model.generation_config.pad_token_id
     pad = 0 if pad is None else int(pad)
     sampling: dict[str, Any] = (
@@ -180,6 +293,7 @@ def run_hf(model: Any, w: Workload, batch: int, temperature: float) -> tuple[flo
         else {"do_sample": False}
     )
     generated = 0
+    sync(device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         for b in range(0, len(w.prompts), batch):
@@ -192,12 +306,13 @@ def run_hf(model: Any, w: Workload, batch: int, temperature: float) -> tuple[flo
                 ids[r, width - len(p) :] = torch.tensor(p)
                 mask[r, width - len(p) :] = 1
             out = model.generate(
-                ids, attention_mask=mask, max_new_tokens=want, min_new_tokens=want,
+                ids.to(device), attention_mask=mask.to(device), max_new_tokens=want, min_new_tokens=want,
                 pad_token_id=pad, use_cache=True, **sampling,
             )
             if out.shape[1] - width != want:
                 raise RuntimeError(f"HF generated {out.shape[1] - width} tokens, expected {want}")
             generated += want * len(prompts)
+    sync(device)
     return time.perf_counter() - t0, generated
 
 
@@ -209,96 +324,200 @@ def pct(xs: list[float], q: float) -> float:
     return ys[min(len(ys) - 1, max(0, round(q / 100 * (len(ys) - 1))))]
 
 
+@dataclass
+class Result:
+    w: Workload
+    ours_s: float
+    steps: int
+    retractions: int
+    others_cores: float
+    rec: StepRecorder
+    ttft: list[float]
+    itl: list[float]
+    hf_requests: int = 0
+    hf_s: float = NAN
+    hf_tps: float = NAN
+    hf_raw_tps: float = NAN
+    hf_flops: float = NAN
+    hf_others: float = NAN
+
+
+def useful_flops(w: Workload, cost: ModelCost) -> float:
+    """Each request computes prompt + output - 1 tokens and samples ``output`` logits rows."""
+    return sum(
+        cost.forward_flops(len(p) + o - 1, len(p) + o - 1, o) for p, o in zip(w.prompts, w.output_lens, strict=True)
+    )
+
+
+def prompt_flops(w: Workload, cost: ModelCost) -> float:
+    return sum(cost.forward_flops(len(p), len(p), 1) for p in w.prompts)
+
+
+def subset(w: Workload, n: int | None) -> Workload:
+    if n is None or n >= len(w.prompts):
+        return w
+    return Workload(w.prompts[:n], w.output_lens[:n], w.min_len, w.max_len, w.name)
+
+
+def run_workload(engine: Any, w: Workload, args: argparse.Namespace) -> Result:
+    before = engine.get_stats()
+    wait_for_quiet(args.wait_quiet)
+    meter = LoadMeter()
+    ttft: list[float] = []
+    itl: list[float] = []
+    rec = StepRecorder()
+    with rec.attach(engine):
+        if args.stream:
+            ours_s, ttft, itl = run_ours_stream(engine, w, args.temperature)
+        else:
+            ours_s = run_ours(engine, w, args.temperature, args.device)
+    others = meter.others_cores()
+    after = engine.get_stats()
+    engine.flush_cache()  # the next workload starts cold
+    steps = after["num_steps"] - before["num_steps"]
+    retractions = after["num_retractions"] - before["num_retractions"]
+    print(
+        f"{w.name}: ours {ours_s:.2f} s, {w.output_tokens / ours_s:.1f} output tok/s ({steps} steps, "
+        f"{retractions} retractions)",
+        flush=True,
+    )
+    return Result(w, ours_s, steps, retractions, others, rec, ttft, itl)
+
+
+def run_hf_all(model: BenchModel, dtype: torch.dtype, args: argparse.Namespace, results: list[Result],
+               cost: ModelCost) -> None:
+    hf = load_hf_baseline(model, dtype, args.device)
+    warm = Workload([[1] * 16 for _ in range(4)], [4] * 4, 4, 16)
+    run_hf(hf, warm, args.hf_batch, args.temperature)
+    for r, n in zip(results, args.hf_requests, strict=True):
+        if n == 0:
+            continue
+        sub = subset(r.w, n)
+        wait_for_quiet(args.wait_quiet)
+        meter = LoadMeter()
+        hf_s, generated = run_hf(hf, sub, args.hf_batch, args.temperature)
+        r.hf_others = meter.others_cores()
+        r.hf_requests, r.hf_s = len(sub.prompts), hf_s
+        r.hf_tps, r.hf_raw_tps = sub.output_tokens / hf_s, generated / hf_s
+        r.hf_flops = useful_flops(sub, cost)
+        print(
+            f"{r.w.name}: HF on {len(sub.prompts)} requests {hf_s:.2f} s, {r.hf_tps:.1f} useful tok/s "
+            f"({r.hf_raw_tps:.1f} incl. padding)",
+            flush=True,
+        )
+    del hf
+
+
+def report(r: Result, args: argparse.Namespace, cost: ModelCost, hw: Hardware) -> str:
+    w = r.w
+    unit, prefix = (1e12, "T") if hw.on_gpu else (1e9, "G")
+    ours_flops = useful_flops(w, cost)
+    ours_tps = w.output_tokens / r.ours_s
+    total_tps = (w.prompt_tokens + w.output_tokens) / r.ours_s
+    hf_total = (
+        (sum(len(p) for p in w.prompts[: r.hf_requests]) + sum(w.output_lens[: r.hf_requests])) / r.hf_s
+        if r.hf_requests else NAN
+    )
+    ours_row: list[Any] = [
+        "ours (continuous batching)", len(w.prompts), r.ours_s, ours_tps, total_tps, NAN,
+        ours_flops / r.ours_s / unit, ours_flops / r.ours_s / 1e9 / hw.matmul_gflops,
+    ]
+    hf_row: list[Any] = [
+        f"HF generate, static batches of {args.hf_batch}", r.hf_requests or "-", r.hf_s, r.hf_tps, hf_total,
+        r.hf_raw_tps, r.hf_flops / r.hf_s / unit, r.hf_flops / r.hf_s / 1e9 / hw.matmul_gflops,
+    ]
+    headers = ["engine", "requests", "time s", "output tok/s", "total tok/s", "tok/s incl. padding",
+               f"useful {prefix}FLOP/s", "/ matmul rate"]
+    if not hw.on_gpu:
+        ours_row.append(r.others_cores)
+        hf_row.append(r.hf_others)
+        headers.append("others' load (cores)")
+    lines = [describe(w, args), markdown_table(headers, [ours_row, hf_row])]
+
+    pf = prompt_flops(w, cost)
+    prefill_s = pf / (hw.matmul_gflops * 1e9)
+    decode_s, decode_b, _ = r.rec.decode_floor_s(cost, hw)
+    floor_s = prefill_s + decode_s
+    n_dec = len(r.rec.decode)
+    mean_bs = sum(b for b, _ in r.rec.decode) / n_dec if n_dec else NAN
+    min_steps = max(max(w.output_lens) - 1, -(-sum(o - 1 for o in w.output_lens) // args.max_running_requests))
+    lines.append(
+        f"roofline: prompts {pf / unit:.3g} {prefix}FLOP at {hw.matmul_gflops * 1e9 / unit:.3g} {prefix}FLOP/s "
+        f"= {prefill_s:.2f} s, plus {n_dec} decode steps (mean batch {mean_bs:.1f}; at least {min_steps} "
+        f"with {args.max_running_requests} running) reading {decode_b / 1e9:.1f} GB at "
+        f"{hw.bandwidth_gbs:.0f} GB/s = {decode_s:.2f} s; floor {floor_s:.2f} s = "
+        f"{w.output_tokens / floor_s:.0f} output tok/s. **Achieved {floor_s / r.ours_s:.1%} of the roofline** "
+        f"({r.ours_s:.2f} s; {r.rec.extend_steps} prefill steps, {r.retractions} retractions)"
+    )
+    if r.hf_requests:
+        lines.append(
+            f"ratio ours/HF output tok/s: **{ours_tps / r.hf_tps:.2f}x** (HF on the first {r.hf_requests} "
+            f"requests in static batches of {args.hf_batch})"
+        )
+    if args.stream:
+        ttft, itl = r.ttft, r.itl
+        lines.append(
+            f"streaming: TTFT p50 {pct(ttft, 50) * 1e3:.0f} ms, p90 {pct(ttft, 90) * 1e3:.0f} ms, "
+            f"p99 {pct(ttft, 99) * 1e3:.0f} ms; ITL p50 {pct(itl, 50) * 1e3:.1f} ms, "
+            f"p90 {pct(itl, 90) * 1e3:.1f} ms, p99 {pct(itl, 99) * 1e3:.1f} ms, "
+            f"mean {statistics.fmean(itl) * 1e3 if itl else NAN:.1f} ms"
+        )
+    return "\n\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     quiet_logs()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch_dtype(args.dtype)
-    path, name = resolve_model(args.model_path, args.tiny)
-    config = load_hf_config(path)
+    model = resolve_bench_model(args)
+    config = load_hf_config(model.path)
     cost = ModelCost.from_config(config, dtype)
-    w = make_workload(args, cost.vocab)
+    makers = {"nano": make_workload, "fixed": make_fixed_workload}
+    workloads = [makers[name](args, cost.vocab) for name in args.workload]
     ctx = int(getattr(config, "max_position_embeddings", 0) or 0)
-    if ctx and 2 * w.max_len > ctx:
-        raise SystemExit(f"lengths up to {w.max_len} + {w.max_len} exceed the model's context {ctx}")
-    hw = hardware_info(dtype, args.wait_quiet)
+    for w in workloads:
+        longest = max(len(p) + o for p, o in zip(w.prompts, w.output_lens, strict=True))
+        if ctx and longest > ctx:
+            raise SystemExit(f"{w.name}: prompt + output up to {longest} tokens exceed the model's context {ctx}")
+    hw = hardware_info(dtype, args.wait_quiet, args.device)
+    graphs = "" if args.device == "cpu" else ", CUDA graphs off" if args.disable_cuda_graph else ", CUDA graphs on"
     header = [
-        f"model: {name} ({cost.num_params / 1e6:.1f}M params, {args.dtype}) at {path}",
+        f"model: {model.name} ({cost.num_params / 1e6:.1f}M params, {args.dtype}) at {model.path}",
         f"hardware: {hw.line()}",
-        f"{hw.roof_line()}; sglang at {hw.commit}; attention backend {args.attention_backend}",
-        f"workload: {len(w.prompts)} seqs (nano-vllm x {args.scale:g}), seed {args.seed}, input and output "
-        f"lengths uniform in [{w.min_len}, {w.max_len}]; {w.prompt_tokens} prompt tokens, "
-        f"{w.output_tokens} output tokens; temperature {args.temperature:g}, ignore_eos",
+        f"{hw.roof_line()}; sglang at {hw.commit}",
+        f"engine: device {args.device}, attention backend {args.attention_backend}{graphs}, "
+        f"max_running_requests {args.max_running_requests}, chunked_prefill_size {args.chunked_prefill_size}, "
+        f"max_prefill_tokens {args.max_prefill_tokens}",
     ]
     print("\n".join(header), flush=True)
-    # Useful work: each request computes prompt + output - 1 tokens and samples `output` logits rows.
-    useful_flops = sum(
-        cost.forward_flops(len(p) + o - 1, len(p) + o - 1, o) for p, o in zip(w.prompts, w.output_lens, strict=True)
-    )
 
-    engine = make_engine(path, args)
-    warm = Workload([[1] * 16 for _ in range(4)], [4] * 4, 4, 16)
-    run_ours(engine, warm, args.temperature)
-    before = engine.get_stats()
-    wait_for_quiet(args.wait_quiet)
-    meter = LoadMeter()
-    ttft: list[float] = []
-    itl: list[float] = []
-    if args.stream:
-        ours_s, ttft, itl = run_ours_stream(engine, w, args.temperature)
-    else:
-        ours_s = run_ours(engine, w, args.temperature)
-    ours_others = meter.others_cores()
-    after = engine.get_stats()
-    engine.shutdown()
+    engine = make_engine(model, args)
+    # Warm-up: allocator growth, kernel selection, Triton compilation (a small batch, then on a GPU
+    # one prefill chunk of long prompts); the cache is flushed so that nothing is reused later.
+    run_ours(engine, Workload([[1] * 16 for _ in range(4)], [4] * 4, 4, 16), args.temperature, args.device)
+    if args.device == "cuda":
+        longest = max(len(p) for w in workloads for p in w.prompts)
+        n_fill = max(1, min(args.max_running_requests, args.chunked_prefill_size // longest))
+        rng = random.Random(args.seed + 7)
+        fill = [[rng.randint(0, min(10_000, cost.vocab - 1)) for _ in range(longest)] for _ in range(n_fill)]
+        run_ours(engine, Workload(fill, [2] * n_fill, longest, longest), args.temperature, args.device)
+    engine.flush_cache()
+    results = [run_workload(engine, w, args) for w in workloads]
+    # HF runs after our engine is gone: on a GPU both would not fit next to each other.
+    free_engine(engine)
     del engine
-    ours_tps = w.output_tokens / ours_s
-    steps = after["num_steps"] - before["num_steps"]
-    retractions = after["num_retractions"] - before["num_retractions"]
-    print(
-        f"ours: {ours_s:.2f} s, {ours_tps:.1f} output tok/s ({steps} steps, {retractions} retractions)", flush=True
-    )
+    release_memory()
+    if not args.skip_hf and any(n != 0 for n in args.hf_requests):
+        run_hf_all(model, dtype, args, results, cost)
 
-    hf_s = hf_tps = hf_raw_tps = hf_others = float("nan")
-    if not args.skip_hf:
-        model = load_hf_model(path, dtype)
-        run_hf(model, warm, args.hf_batch, args.temperature)
-        wait_for_quiet(args.wait_quiet)
-        meter = LoadMeter()
-        hf_s, generated = run_hf(model, w, args.hf_batch, args.temperature)
-        hf_others = meter.others_cores()
-        hf_tps, hf_raw_tps = w.output_tokens / hf_s, generated / hf_s
-        print(f"HF: {hf_s:.2f} s, {hf_tps:.1f} useful tok/s ({hf_raw_tps:.1f} incl. padding)", flush=True)
-        del model
-
-    rows = [
-        ["ours (continuous batching)", ours_s, ours_tps, float("nan"), useful_flops / ours_s / 1e9,
-         100 * useful_flops / ours_s / 1e9 / hw.matmul_gflops, ours_others],
-        [f"HF generate, static batches of {args.hf_batch}", hf_s, hf_tps, hf_raw_tps,
-         useful_flops / hf_s / 1e9, 100 * useful_flops / hf_s / 1e9 / hw.matmul_gflops, hf_others],
-    ]
-    table = markdown_table(
-        ["engine", "time s", "output tok/s", "tok/s incl. padding", "useful GFLOP/s", "% of matmul peak",
-         "others' load (cores)"],
-        rows,
-    )
-    lines = [table, ""]
-    if hf_tps == hf_tps:  # not NaN
-        lines.append(f"ratio ours/HF throughput: {ours_tps / hf_tps:.2f}x")
-    lines.append(f"ours: {steps} engine steps, {retractions} retractions; useful work {useful_flops / 1e12:.3f} TFLOP")
-    if args.stream:
-        lines.append(
-            f"streaming: TTFT p50 {pct(ttft, 50) * 1e3:.0f} ms, p90 {pct(ttft, 90) * 1e3:.0f} ms, "
-            f"p99 {pct(ttft, 99) * 1e3:.0f} ms; ITL p50 {pct(itl, 50) * 1e3:.1f} ms, "
-            f"p90 {pct(itl, 90) * 1e3:.1f} ms, p99 {pct(itl, 99) * 1e3:.1f} ms, "
-            f"mean {statistics.fmean(itl) * 1e3 if itl else float('nan'):.1f} ms"
-        )
-    report = "\n\n".join(x for x in lines if x)
-    print("\n" + report, flush=True)
+    report_text = "\n\n".join(report(r, args, cost, hw) for r in results)
+    print("\n" + report_text, flush=True)
     if args.out:
-        body = "\n".join(f"- {h}" for h in header) + "\n\n" + report
-        append_section(args.out, f"offline: {name}, {args.dtype}, scale {args.scale:g}", body)
+        body = "\n".join(f"- {h}" for h in header) + "\n\n" + report_text
+        names = ", ".join(w.name for w in workloads)
+        append_section(args.out, f"offline: {model.name}, {args.dtype}, {args.device}, {names}", body)
         print(f"\nappended to {args.out}")
 
 

@@ -3,18 +3,25 @@
     .venv/bin/python benchmarks/one_batch.py --batch-size 1 8 --input-len 128 512 --output-len 32
     .venv/bin/python benchmarks/one_batch.py --tiny --out benchmarks/results/today.md
     .venv/bin/python benchmarks/one_batch.py --batch-size 8 --input-len 512 --skip-hf --profile
+    python benchmarks/one_batch.py --device cuda --model-shape llama3-8b \
+        --batch-size 1 8 64 256 --input-len 1024 --output-len 256 --hf-max-batch 64 --hf-output-len 32
 
 For every (batch size, input length, output length) point, ``bs`` prompts of random token ids
 (seeded, all the same length, so HF needs no padding) are generated greedily with ``ignore_eos``.
 
 Ours: the scheduler is driven directly on its own thread (``engine._loop.call``): the requests are
-added, one ``step()`` computes every prompt (chunked prefill and admission limits are set large
-enough; the script checks that it was one step) -- that is the prefill time -- and then each
-decode ``step()`` is timed; decode time is the median step.
+added, ``step()`` runs until every prompt is computed -- one step when the batch's prompt tokens fit
+in ``--max-prefill-tokens`` (default 16384), else several; the total is the prefill time -- and
+then each decode ``step()`` is timed; decode time is the median step. On cuda every timed region
+starts and ends with ``torch.cuda.synchronize()``; the KV pool is sized by
+``--mem-fraction-static``, decode replays CUDA graphs (``--disable-cuda-graph`` to compare).
 
-HF: ``AutoModelForCausalLM.from_pretrained`` on the same folder and dtype. Prefill is
-``generate(max_new_tokens=1)``; decode per step is ``(generate(max_new_tokens=out,
-min_new_tokens=out) - prefill) / (out - 1)``.
+HF: ``from_pretrained`` on the same folder and dtype (``from_config`` with random weights for a
+``--model-shape``), on the same device, after our engine has been shut down and its memory freed.
+Prefill is ``generate(max_new_tokens=1)``; decode per step is ``(generate(max_new_tokens=n,
+min_new_tokens=n) - prefill) / (n - 1)`` with ``n = --hf-output-len`` (default: the output length;
+shorter keeps a GPU run short, HF's step time hardly depends on it). Points with a batch above
+``--hf-max-batch`` have no HF numbers.
 
 Next to the timings the script prints what the hardware allows (design rule 12): the measured copy
 bandwidth and the bytes a decode step must read (every weight once plus the KV cache) give a floor
@@ -45,16 +52,23 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
+    BenchModel,
     Hardware,
     LoadMeter,
     ModelCost,
+    add_model_args,
     append_section,
+    engine_kwargs,
+    finish_model_args,
+    free_engine,
     hardware_info,
+    load_hf_baseline,
     load_hf_config,
-    load_hf_model,
     markdown_table,
     quiet_logs,
-    resolve_model,
+    release_memory,
+    resolve_bench_model,
+    sync,
     torch_dtype,
     wait_for_quiet,
 )
@@ -68,6 +82,7 @@ class Point:
     input_len: int
     output_len: int
     ours_prefill_s: float = NAN
+    prefill_steps: int = 0
     ours_decode_s: float = NAN  # median per step
     hf_prefill_s: float = NAN
     hf_decode_s: float = NAN
@@ -79,11 +94,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 8])
     p.add_argument("--input-len", type=int, nargs="+", default=[128, 512])
     p.add_argument("--output-len", type=int, nargs="+", default=[32])
-    p.add_argument("--model-path", default=None, help="HF folder; default: SmolLM2-135M-Instruct")
-    p.add_argument("--tiny", action="store_true", help="a tiny random Llama (built once into the cache)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--attention-backend", default="torch_native")
+    add_model_args(p)
+    p.add_argument("--max-prefill-tokens", type=int, default=16384,
+                   help="prompt tokens per prefill step; a larger batch is prefilled in several steps")
     p.add_argument("--skip-hf", action="store_true", help="do not run HF transformers")
+    p.add_argument("--hf-max-batch", type=int, default=None, help="no HF numbers for larger batches")
+    p.add_argument("--hf-output-len", type=int, default=None,
+                   help="tokens HF generates per point for its decode time (default: the output length)")
     p.add_argument("--repeats", type=int, default=1, help="run each point this many times; best prefill, median decode")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
@@ -93,8 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-steps", type=int, default=8, help="decode steps in the phase breakdown")
     p.add_argument("--out", default=None, help="append a Markdown section to this file")
     args = p.parse_args(argv)
-    if args.tiny and args.model_path:
-        p.error("--tiny and --model-path exclude each other")
+    finish_model_args(p, args)
+    if args.hf_output_len is not None and args.hf_output_len < 2:
+        p.error("--hf-output-len must be >= 2")
     if min(args.output_len) < 2:
         p.error("--output-len must be >= 2 (decode needs at least one step after prefill)")
     return args
@@ -107,19 +125,21 @@ def random_prompts(bs: int, input_len: int, vocab: int, seed: int) -> list[list[
 
 
 # ---- ours ------------------------------------------------------------------------------------
-def make_engine(path: str, args: argparse.Namespace, max_tokens: int, max_bs: int) -> Any:
+def make_engine(model: BenchModel, args: argparse.Namespace, max_tokens: int, max_prompt_tokens: int,
+                max_bs: int) -> Any:
     import sglang
 
+    chunk = max(min(max_prompt_tokens, args.max_prefill_tokens), 1)
+    kw = engine_kwargs(args, model)
+    if args.device == "cpu":
+        kw["max_total_tokens"] = max_tokens + 64 * max_bs + 1024
     return sglang.Engine(
-        path,
-        dtype=args.dtype,
-        device="cpu",
+        model.path,
         skip_tokenizer_init=True,
-        attention_backend=args.attention_backend,
-        chunked_prefill_size=max_tokens,
-        max_prefill_tokens=max_tokens,
+        chunked_prefill_size=chunk,
+        max_prefill_tokens=chunk,
         max_running_requests=max(max_bs, 1),
-        max_total_tokens=max_tokens + 64 * max_bs + 1024,
+        **kw,
     )
 
 
@@ -129,41 +149,49 @@ def _requests(engine: Any, prompts: list[list[int]], output_len: int) -> list[An
     return list(reqs)
 
 
-def run_ours(engine: Any, prompts: list[list[int]], output_len: int) -> tuple[float, list[float]]:
-    """Prefill seconds and the list of decode-step seconds, measured on the scheduler thread."""
+def run_ours(engine: Any, prompts: list[list[int]], output_len: int, device: str) -> tuple[float, int, list[float]]:
+    """Prefill seconds, prefill steps, and the list of decode-step seconds, measured on the
+    scheduler thread (synchronized with the GPU around every timed region)."""
     reqs = _requests(engine, prompts, output_len)
 
-    def body(s: Any) -> tuple[float, list[float]]:
+    def body(s: Any) -> tuple[float, int, list[float]]:
         if s.has_work():
             raise RuntimeError("the scheduler is busy; the benchmark needs it to itself")
         for r in reqs:
             s.add_request(r)
+        sync(device)
         t0 = time.perf_counter()
-        s.step()
+        prefill_steps = 0
+        while any(not r.output_ids for r in reqs) and prefill_steps <= len(reqs) * len(prompts[0]):
+            s.step()
+            prefill_steps += 1
+        sync(device)
         prefill = time.perf_counter() - t0
         bad = [r for r in reqs if r.num_computed != len(r.prompt_ids) or len(r.output_ids) != 1]
         if bad:
             raise RuntimeError(
-                f"prefill took more than one step ({len(bad)} of {len(reqs)} requests not prefilled); "
-                "raise chunked_prefill_size / max_prefill_tokens / max_total_tokens"
+                f"prefill did not finish cleanly ({len(bad)} of {len(reqs)} requests not prefilled "
+                f"after {prefill_steps} steps); raise the KV pool (--mem-fraction-static)"
             )
         steps: list[float] = []
         while s.has_work():
             t0 = time.perf_counter()
             s.step()
+            sync(device)
             steps.append(time.perf_counter() - t0)
         if len(steps) != output_len - 1 or any(len(r.output_ids) != output_len for r in reqs):
             raise RuntimeError(f"expected {output_len - 1} decode steps of batch {len(reqs)}, ran {len(steps)}")
-        return prefill, steps
+        return prefill, prefill_steps, steps
 
-    result: tuple[float, list[float]] = engine._loop.call(body, timeout=None)
+    result: tuple[float, int, list[float]] = engine._loop.call(body, timeout=None)
     return result
 
 
 # ---- HF --------------------------------------------------------------------------------------
 def run_hf(model: Any, prompts: list[list[int]], output_len: int) -> tuple[float, float]:
     """HF prefill seconds and decode seconds per step."""
-    ids = torch.tensor(prompts, dtype=torch.int64)
+    device = str(model.device)
+    ids = torch.tensor(prompts, dtype=torch.int64, device=device)
     kw: dict[str, Any] = {
         "attention_mask": torch.ones_like(ids),
         "do_sample": False,
@@ -171,11 +199,14 @@ def run_hf(model: Any, prompts: list[list[int]], output_len: int) -> tuple[float
         "pad_token_id": model.generation_config.pad_token_id or 0,
     }
     with torch.inference_mode():
+        sync(device)
         t0 = time.perf_counter()
         out1 = model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        sync(device)
         prefill = time.perf_counter() - t0
         t0 = time.perf_counter()
         out = model.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len, **kw)
+        sync(device)
         total = time.perf_counter() - t0
     if out1.shape[1] != ids.shape[1] + 1 or out.shape[1] != ids.shape[1] + output_len:
         raise RuntimeError(f"HF generated {out.shape[1] - ids.shape[1]} tokens, expected {output_len}")
@@ -313,15 +344,18 @@ def tables(points: list[Point], cost: ModelCost, hw: Hardware) -> str:
     def ms(x: float) -> float:
         return x * 1e3
 
+    # FLOP units: TFLOP on a GPU, GFLOP on a CPU.
+    unit, prefix = (1e12, "T") if hw.on_gpu else (1e9, "G")
     vs_hf = []
     vs_hw = []
     for p in points:
-        vs_hf.append([
+        row = [
             p.bs, p.input_len, p.output_len,
             ms(p.ours_prefill_s), ms(p.hf_prefill_s), p.hf_prefill_s / p.ours_prefill_s,
             ms(p.ours_decode_s), ms(p.hf_decode_s), p.hf_decode_s / p.ours_decode_s,
-            p.bs / p.ours_decode_s, p.others_cores,
-        ])
+            p.bs / p.ours_decode_s,
+        ]
+        vs_hf.append(row if hw.on_gpu else [*row, p.others_cores])
         ctx = p.input_len + p.output_len // 2  # mean context over the decode steps
         step_bytes = cost.decode_bytes(p.bs, ctx)
         floor_s = step_bytes / (hw.bandwidth_gbs * 1e9)
@@ -329,23 +363,25 @@ def tables(points: list[Point], cost: ModelCost, hw: Hardware) -> str:
         vs_hw.append([
             p.bs, p.input_len, p.output_len,
             step_bytes / 1e6, ms(floor_s), p.ours_decode_s / floor_s, step_bytes / p.ours_decode_s / 1e9,
-            prefill_flops / 1e9, prefill_flops / p.ours_prefill_s / 1e9,
-            100 * prefill_flops / p.ours_prefill_s / 1e9 / hw.matmul_gflops,
+            p.prefill_steps, prefill_flops / unit, prefill_flops / p.ours_prefill_s / unit,
+            prefill_flops / p.ours_prefill_s / 1e9 / hw.matmul_gflops,
         ])
     t1 = markdown_table(
         ["bs", "in", "out", "ours prefill ms", "HF prefill ms", "prefill HF/ours",
-         "ours decode ms/step", "HF decode ms/step", "decode HF/ours", "ours decode tok/s", "others' load (cores)"],
+         "ours decode ms/step", "HF decode ms/step", "decode HF/ours", "ours decode tok/s"]
+        + ([] if hw.on_gpu else ["others' load (cores)"]),
         vs_hf,
     )
     t2 = markdown_table(
         ["bs", "in", "out", "MB read/step", "floor ms/step", "ours/floor", "ours decode GB/s",
-         "prefill GFLOP", "ours prefill GFLOP/s", "% of matmul peak"],
+         "prefill steps", f"prefill {prefix}FLOP", f"ours prefill {prefix}FLOP/s", "prefill / matmul rate"],
         vs_hw,
     )
     return (
         "Ours against HF transformers `generate` (HF/ours > 1: we are faster):\n\n" + t1
         + f"\n\nAgainst the hardware ({hw.roof_line()}; a decode step must read every weight once "
-        "plus the KV cache at the mean decode context, floor = bytes / bandwidth):\n\n" + t2
+        "plus the KV cache at the mean decode context, floor = bytes / bandwidth; ours/floor is the "
+        "decode roofline ratio, 1.0 is the limit):\n\n" + t2
     )
 
 
@@ -355,69 +391,103 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch_dtype(args.dtype)
-    path, name = resolve_model(args.model_path, args.tiny)
-    config = load_hf_config(path)
+    model = resolve_bench_model(args)
+    config = load_hf_config(model.path)
     cost = ModelCost.from_config(config, dtype)
-    hw = hardware_info(dtype, args.wait_quiet)
+    hw = hardware_info(dtype, args.wait_quiet, args.device)
+    graphs = "" if args.device == "cpu" else ", CUDA graphs off" if args.disable_cuda_graph else ", CUDA graphs on"
     header = [
-        f"model: {name} ({cost.num_params / 1e6:.1f}M params, {args.dtype}, {cost.num_layers} layers, "
-        f"hidden {cost.hidden}, vocab {cost.vocab}) at {path}",
+        f"model: {model.name} ({cost.num_params / 1e6:.1f}M params, {args.dtype}, {cost.num_layers} layers, "
+        f"hidden {cost.hidden}, vocab {cost.vocab}) at {model.path}",
         f"hardware: {hw.line()}",
-        f"{hw.roof_line()}; sglang at {hw.commit}; attention backend {args.attention_backend}",
+        f"{hw.roof_line()}; sglang at {hw.commit}; device {args.device}, attention backend "
+        f"{args.attention_backend}{graphs}",
     ]
     print("\n".join(header), flush=True)
 
     grid = [(b, i, o) for b in args.batch_size for i in args.input_len for o in args.output_len]
     max_bs = max(args.batch_size)
     max_tokens = max(b * (i + o) for b, i, o in grid)
-    engine = make_engine(path, args, max_tokens, max_bs)
-    hf = None if args.skip_hf else load_hf_model(path, dtype)
+    max_prompt = max(b * i for b, i, _ in grid)
+    engine = make_engine(model, args, max_tokens, max_prompt, max_bs)
 
-    # Warm-up: first calls pay for allocator growth and kernel selection.
-    warm = random_prompts(max_bs, 16, cost.vocab, args.seed + 1)
-    run_ours(engine, warm, 4)
-    if hf is not None:
-        run_hf(hf, warm, 4)
+    # Warm-up: first calls pay for allocator growth, kernel selection and Triton compilation:
+    # a decode of the largest batch, then one full prefill chunk of the longest prompts.
+    run_ours(engine, random_prompts(max_bs, 16, cost.vocab, args.seed + 1), 4, args.device)
+    in_max = max(args.input_len)
+    n_fill = max(1, min(max_bs, min(max_prompt, args.max_prefill_tokens) // in_max))
+    run_ours(engine, random_prompts(n_fill, in_max, cost.vocab, args.seed + 2), 2, args.device)
+    engine.flush_cache()
 
     points: list[Point] = []
     for bs, in_len, out_len in grid:
         pt = Point(bs, in_len, out_len)
         prompts = random_prompts(bs, in_len, cost.vocab, args.seed)
-        prefills, decodes, hf_pre, hf_dec = [], [], [], []
+        prefills, prefill_steps, decodes = [], [], []
         wait_for_quiet(args.wait_quiet)
         meter = LoadMeter()
         for _ in range(args.repeats):
-            pre, steps = run_ours(engine, prompts, out_len)
+            pre, n_pre, steps = run_ours(engine, prompts, out_len, args.device)
+            engine.flush_cache()  # the next repeat computes its prompts again
             prefills.append(pre)
+            prefill_steps.append(n_pre)
             decodes.append(statistics.median(steps))
-            if hf is not None:
-                hp, hd = run_hf(hf, prompts, out_len)
-                hf_pre.append(hp)
-                hf_dec.append(hd)
         pt.ours_prefill_s, pt.ours_decode_s = min(prefills), statistics.median(decodes)
-        if hf_pre:
-            pt.hf_prefill_s, pt.hf_decode_s = min(hf_pre), statistics.median(hf_dec)
+        pt.prefill_steps = max(prefill_steps)
         pt.others_cores = meter.others_cores()
         points.append(pt)
         print(
-            f"bs={bs} in={in_len} out={out_len}: ours prefill {pt.ours_prefill_s * 1e3:.1f} ms, "
-            f"decode {pt.ours_decode_s * 1e3:.2f} ms/step; HF prefill {pt.hf_prefill_s * 1e3:.1f} ms, "
-            f"decode {pt.hf_decode_s * 1e3:.2f} ms/step; other processes used {pt.others_cores:.2f} cores",
+            f"bs={bs} in={in_len} out={out_len}: ours prefill {pt.ours_prefill_s * 1e3:.1f} ms "
+            f"({pt.prefill_steps} step{'s' if pt.prefill_steps != 1 else ''}), decode "
+            f"{pt.ours_decode_s * 1e3:.2f} ms/step; other processes used {pt.others_cores:.2f} cores",
             flush=True,
         )
+
+    prof = ""
+    if args.profile:
+        bs, in_len, _ = grid[-1]
+        prof = profile_point(engine, random_prompts(bs, in_len, cost.vocab, args.seed), args.profile_steps)
+    # HF runs after our engine is gone: on a GPU both would not fit next to each other.
+    free_engine(engine)
+    del engine
+    release_memory()
+    if not args.skip_hf:
+        run_hf_points(model, dtype, args, points)
 
     report = tables(points, cost, hw)
     print("\n" + report, flush=True)
     body = "\n".join(f"- {h}" for h in header) + "\n\n" + report
-    if args.profile:
-        bs, in_len, _ = grid[-1]
-        prof = profile_point(engine, random_prompts(bs, in_len, cost.vocab, args.seed), args.profile_steps)
+    if prof:
         print("\n" + prof, flush=True)
         body += "\n\n" + prof
     if args.out:
-        append_section(args.out, f"one_batch: {name}, {args.dtype}", body)
+        append_section(args.out, f"one_batch: {model.name}, {args.dtype}, {args.device}", body)
         print(f"\nappended to {args.out}")
-    engine.shutdown()
+
+
+def run_hf_points(model: BenchModel, dtype: torch.dtype, args: argparse.Namespace, points: list[Point]) -> None:
+    """HF prefill and decode for every point with a batch up to ``--hf-max-batch`` (filled in place)."""
+    todo = [p for p in points if args.hf_max_batch is None or p.bs <= args.hf_max_batch]
+    if not todo:
+        return
+    hf = load_hf_baseline(model, dtype, args.device)
+    vocab = int(hf.config.vocab_size)
+    run_hf(hf, random_prompts(min(p.bs for p in todo), 16, vocab, args.seed + 1), 4)  # warm-up
+    for pt in todo:
+        prompts = random_prompts(pt.bs, pt.input_len, vocab, args.seed)
+        n = args.hf_output_len or pt.output_len
+        hf_pre, hf_dec = [], []
+        for _ in range(args.repeats):
+            hp, hd = run_hf(hf, prompts, n)
+            hf_pre.append(hp)
+            hf_dec.append(hd)
+        pt.hf_prefill_s, pt.hf_decode_s = min(hf_pre), statistics.median(hf_dec)
+        print(
+            f"bs={pt.bs} in={pt.input_len} out={n}: HF prefill {pt.hf_prefill_s * 1e3:.1f} ms, "
+            f"decode {pt.hf_decode_s * 1e3:.2f} ms/step",
+            flush=True,
+        )
+    del hf
 
 
 if __name__ == "__main__":

@@ -359,3 +359,26 @@ def test_retracted_requests_keep_their_grammar_state(model_dir: Path) -> None:
         _no_leak(eng)
     finally:
         eng.shutdown()
+
+
+def test_grammar_requests_beside_overlapped_decode_steps(model_dir: Path, engine: Engine) -> None:
+    """With overlap scheduling forced on, steps with a grammar row run synchronously and plain
+    decode steps overlap; the outputs equal the synchronous engine's."""
+    prompts = ["Plain one", "Digit:", "Plain two", "Answer:"]
+    params = [
+        {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True},
+        {"regex": "[0-9]", "temperature": 0, "max_new_tokens": 8},
+        {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True},
+        {"regex": ANSWER, "temperature": 0, "max_new_tokens": 32},
+    ]
+    ref = engine.generate(prompts, params)
+    eng = Engine(model_path=str(model_dir), max_total_tokens=4096, overlap_schedule="on", **ENGINE_KW)
+    try:
+        got = eng.generate(prompts, params)
+        assert isinstance(ref, list) and isinstance(got, list)
+        assert [o["output_ids"] for o in got] == [o["output_ids"] for o in ref]
+        assert re.fullmatch("[0-9]", got[1]["text"]) and re.fullmatch(ANSWER, got[3]["text"])
+        assert eng.scheduler.num_overlapped_steps > 0
+        _no_leak(eng)
+    finally:
+        eng.shutdown()
