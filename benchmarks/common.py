@@ -197,6 +197,23 @@ def engine_kwargs(args: argparse.Namespace, model: BenchModel) -> dict[str, Any]
     return kw
 
 
+def prepare_model(args: argparse.Namespace) -> tuple[torch.dtype, BenchModel, Any, ModelCost]:
+    """Quiet logs, apply ``--threads``, and resolve ``(dtype, model, HF config, cost model)``."""
+    quiet_logs()
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    dtype = torch_dtype(args.dtype)
+    model = resolve_bench_model(args)
+    config = load_hf_config(model.path)
+    return dtype, model, config, ModelCost.from_config(config, dtype)
+
+
+def engine_label(args: argparse.Namespace) -> str:
+    """``device cuda, attention backend auto, CUDA graphs on`` for a result header."""
+    graphs = "" if args.device == "cpu" else ", CUDA graphs off" if args.disable_cuda_graph else ", CUDA graphs on"
+    return f"device {args.device}, attention backend {args.attention_backend}{graphs}"
+
+
 def free_engine(engine: Any) -> None:
     """Shut ``engine`` down and give its GPU memory back before the next engine or HF model."""
     engine.shutdown()

@@ -64,18 +64,16 @@ from common import (  # noqa: E402
     add_model_args,
     append_section,
     engine_kwargs,
+    engine_label,
     finish_model_args,
     free_engine,
     hardware_info,
     has_tokenizer,
     load_hf_baseline,
-    load_hf_config,
     markdown_table,
-    quiet_logs,
+    prepare_model,
     release_memory,
-    resolve_bench_model,
     sync,
-    torch_dtype,
     wait_for_quiet,
 )
 
@@ -423,7 +421,7 @@ def report(r: Result, args: argparse.Namespace, cost: ModelCost, hw: Hardware) -
         ours_flops / r.ours_s / unit, ours_flops / r.ours_s / 1e9 / hw.matmul_gflops,
     ]
     hf_row: list[Any] = [
-        f"HF generate, static batches of {args.hf_batch}", r.hf_requests or "-", r.hf_s, r.hf_tps, hf_total,
+        f"HF generate, static batches of {min(args.hf_batch, r.hf_requests or args.hf_batch)}", r.hf_requests or "-", r.hf_s, r.hf_tps, hf_total,
         r.hf_raw_tps, r.hf_flops / r.hf_s / unit, r.hf_flops / r.hf_s / 1e9 / hw.matmul_gflops,
     ]
     headers = ["engine", "requests", "time s", "output tok/s", "total tok/s", "tok/s incl. padding",
@@ -452,7 +450,7 @@ def report(r: Result, args: argparse.Namespace, cost: ModelCost, hw: Hardware) -
     if r.hf_requests:
         lines.append(
             f"ratio ours/HF output tok/s: **{ours_tps / r.hf_tps:.2f}x** (HF on the first {r.hf_requests} "
-            f"requests in static batches of {args.hf_batch})"
+            f"requests in static batches of {min(args.hf_batch, r.hf_requests)})"
         )
     if args.stream:
         ttft, itl = r.ttft, r.itl
@@ -467,13 +465,7 @@ def report(r: Result, args: argparse.Namespace, cost: ModelCost, hw: Hardware) -
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    quiet_logs()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = torch_dtype(args.dtype)
-    model = resolve_bench_model(args)
-    config = load_hf_config(model.path)
-    cost = ModelCost.from_config(config, dtype)
+    dtype, model, config, cost = prepare_model(args)
     makers = {"nano": make_workload, "fixed": make_fixed_workload}
     workloads = [makers[name](args, cost.vocab) for name in args.workload]
     ctx = int(getattr(config, "max_position_embeddings", 0) or 0)
@@ -482,12 +474,11 @@ def main(argv: list[str] | None = None) -> None:
         if ctx and longest > ctx:
             raise SystemExit(f"{w.name}: prompt + output up to {longest} tokens exceed the model's context {ctx}")
     hw = hardware_info(dtype, args.wait_quiet, args.device)
-    graphs = "" if args.device == "cpu" else ", CUDA graphs off" if args.disable_cuda_graph else ", CUDA graphs on"
     header = [
         f"model: {model.name} ({cost.num_params / 1e6:.1f}M params, {args.dtype}) at {model.path}",
         f"hardware: {hw.line()}",
         f"{hw.roof_line()}; sglang at {hw.commit}",
-        f"engine: device {args.device}, attention backend {args.attention_backend}{graphs}, "
+        f"engine: {engine_label(args)}, "
         f"max_running_requests {args.max_running_requests}, chunked_prefill_size {args.chunked_prefill_size}, "
         f"max_prefill_tokens {args.max_prefill_tokens}",
     ]

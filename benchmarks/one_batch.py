@@ -59,17 +59,15 @@ from common import (  # noqa: E402
     add_model_args,
     append_section,
     engine_kwargs,
+    engine_label,
     finish_model_args,
     free_engine,
     hardware_info,
     load_hf_baseline,
-    load_hf_config,
     markdown_table,
-    quiet_logs,
+    prepare_model,
     release_memory,
-    resolve_bench_model,
     sync,
-    torch_dtype,
     wait_for_quiet,
 )
 
@@ -387,21 +385,13 @@ def tables(points: list[Point], cost: ModelCost, hw: Hardware) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    quiet_logs()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = torch_dtype(args.dtype)
-    model = resolve_bench_model(args)
-    config = load_hf_config(model.path)
-    cost = ModelCost.from_config(config, dtype)
+    dtype, model, _, cost = prepare_model(args)
     hw = hardware_info(dtype, args.wait_quiet, args.device)
-    graphs = "" if args.device == "cpu" else ", CUDA graphs off" if args.disable_cuda_graph else ", CUDA graphs on"
     header = [
         f"model: {model.name} ({cost.num_params / 1e6:.1f}M params, {args.dtype}, {cost.num_layers} layers, "
         f"hidden {cost.hidden}, vocab {cost.vocab}) at {model.path}",
         f"hardware: {hw.line()}",
-        f"{hw.roof_line()}; sglang at {hw.commit}; device {args.device}, attention backend "
-        f"{args.attention_backend}{graphs}",
+        f"{hw.roof_line()}; sglang at {hw.commit}; {engine_label(args)}",
     ]
     print("\n".join(header), flush=True)
 

@@ -108,10 +108,9 @@ def main() -> None:
         f"{args.num_groups} groups x {args.prompts_per_group} prompts, system {args.system_prompt_len}, "
         f"question {args.question_len}, output {args.output_len}, page {args.page_size}, {args.schedule_policy}"
     )
-    graphs = "" if args.device == "cpu" else ", CUDA graphs off" if args.disable_cuda_graph else ", CUDA graphs on"
     body = (
         f"model: {name}, {args.dtype}; {shape}\n\nhardware: {hw.line()}; sglang at {hw.commit}\n\n"
-        f"{hw.roof_line()}; device {args.device}, attention backend {args.attention_backend}{graphs}\n\n"
+        f"{hw.roof_line()}; {common.engine_label(args)}\n\n"
         f"{table}\n\n"
         f"speed-up (cache on / off): **{off['seconds'] / on['seconds']:.2f}x**; "
         f"greedy outputs identical: {same} ({n_same} of {len(prompts)})\n"
