@@ -3,8 +3,8 @@
 ``python tests/helpers/kv_transfer_peer.py CONFIG_JSON`` runs one side of a room and reports on
 stdout, one JSON object per line (``{"event": ...}``). Roles:
 
-- ``sender`` (prefill): fills its KV pool with seeded random data, saves the source pages' rows
-  (``expected`` path, ``torch.save``), waits for the room's destination, then sends ``chunks``
+- ``sender`` (prefill): fills its KV pool with seeded random data, saves the source pages (whole
+  page-major blocks ``pool.buffer[src_pages]``, every layer's K and V; ``expected`` path, ``torch.save``), waits for the room's destination, then sends ``chunks``
   (a list of ``[src_pages, dst_pages]``), the last one with ``aux``; with ``warmup_room``, the
   same pages go to that room first, in one chunk. ``die_before_last``: report
   ``before_last`` and sleep (the test kills it). An ``IncompatibleKVLayout`` is reported as
@@ -46,13 +46,10 @@ def make_pool(cfg: dict[str, Any]) -> tuple[KVPool, KVLayout]:
 def run_sender(cfg: dict[str, Any]) -> None:
     pool, layout = make_pool(cfg)
     gen = torch.Generator().manual_seed(cfg.get("seed", 0))
-    for buf in pool.k_buffers + pool.v_buffers:  # on GPU: queued on the stream, send() must wait for it
-        buf.copy_(torch.randn(buf.shape, generator=gen).to(buf.dtype), non_blocking=True)
-    ps = layout.page_size
+    buf = pool.buffer  # on GPU: queued on the stream, send() must wait for it
+    buf.copy_(torch.randn(buf.shape, generator=gen).to(buf.dtype), non_blocking=True)
     src_all = [p for src, _ in cfg["chunks"] for p in src]
-    rows = torch.tensor([p * ps + i for p in src_all for i in range(ps)], dtype=torch.long)
-    torch.save({"k": [b[rows].clone() for b in pool.k_buffers], "v": [b[rows].clone() for b in pool.v_buffers]},
-               cfg["expected"])
+    torch.save({"pages": buf[src_all].cpu()}, cfg["expected"])
     sender = create_sender(
         "nixl", kv_pool=pool, layout=layout, agent_name=cfg["agent_name"], redis_url=cfg["redis_url"],
         timeout_s=cfg.get("timeout_s", 30.0), **cfg.get("options", {}),

@@ -1,6 +1,6 @@
 """The triton attention backend against the torch_native reference.
 
-Each case builds one layer's paged KV pool with shuffled pages and shuffled table rows, fills the
+Each case builds a two-layer page-major KV pool (attending with layer 1) with shuffled pages and shuffled table rows, fills the
 pool with noise (stale slots must never be read), writes the requests' prefixes, and compares
 ``TritonBackend.forward`` with ``TorchNativeBackend.forward`` on the same packed q/k/v (q is a
 non-contiguous slice of a fused qkv, as in the models).
@@ -65,9 +65,8 @@ def attention_case(
     seqs = [p + e for p, e in zip(prefix_lens, extend_lens, strict=True)]
     npages = [-(-s // page_size) for s in seqs]
     num_pages = sum(npages) + 3
-    pool = KVPool(num_pages, page_size, 1, num_kv_heads, head_dim, dt, dev)
-    for buf in (*pool.k_buffers, *pool.v_buffers):
-        buf.copy_(torch.randn(buf.shape, generator=gen).to(dt))
+    pool = KVPool(num_pages, page_size, 2, num_kv_heads, head_dim, dt, dev)  # layer 1: strided, offset views
+    pool.buffer.copy_(torch.randn(pool.buffer.shape, generator=gen).to(dt))
     r2t = ReqToTokenPool(len(seqs) + 3, max(seqs) + page_size, dev)
     pages = list(range(1, num_pages + 1))
     rng.shuffle(pages)
@@ -81,7 +80,7 @@ def attention_case(
     t, h = sum(extend_lens), num_kv_heads * group
     qkv = torch.randn((t, (h + 2 * num_kv_heads) * head_dim), generator=gen).to(dt).to(dev)
     q, k, v = qkv.split([h * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=1)
-    layer = Attention(0, h, num_kv_heads, head_dim, sliding_window=window)
+    layer = Attention(1, h, num_kv_heads, head_dim, sliding_window=window)
 
     def run(backend: Any) -> torch.Tensor:
         batch = ForwardBatch(
@@ -275,8 +274,7 @@ def test_decode_cuda_graph_replay() -> None:
     dev, bs, kvh, h, d, ps, ctx = torch.device("cuda"), 8, 8, 32, 128, 16, 4096
     num_pages = bs * ctx // ps
     pool = KVPool(num_pages, ps, 1, kvh, d, torch.bfloat16, dev)
-    pool.k_buffers[0].normal_()
-    pool.v_buffers[0].normal_()
+    pool.buffer.normal_()
     r2t = ReqToTokenPool(bs + 1, ctx, dev)
     rows = torch.arange(1, bs + 1, device=dev)
     seq_lens = torch.ones(bs, dtype=torch.int64, device=dev)

@@ -26,6 +26,7 @@ pytest.importorskip("nixl._api")
 from sglang.engine.memory import KVPool  # noqa: E402
 from sglang.kv_transfer import IncompatibleKVLayout, KVLayout, RoomResult, create_receiver, create_sender  # noqa: E402
 from sglang.kv_transfer.base import KVReceiver  # noqa: E402
+from sglang.kv_transfer.nixl_sender import _runs  # noqa: E402
 
 from tests.helpers.redis_server import start_redis  # noqa: E402
 
@@ -131,6 +132,27 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
+def assert_pages_equal(pool: KVPool, dst_pages: list[int], expected: torch.Tensor) -> None:
+    """``pool``'s pages ``dst_pages`` hold ``expected`` bit for bit (every layer's K and V), and
+    every other page is still zero (no stray writes)."""
+    buf = pool.buffer.cpu()
+    assert torch.equal(bits(buf[dst_pages]), bits(expected)), "transferred pages differ"
+    assert buf[dst_pages].abs().sum() > 0
+    for layer in range(pool.num_layers):  # also through the attention backends' per-layer views
+        for kv in range(2):
+            got = pool.get_kv(layer)[kv].cpu()[dst_pages]
+            assert torch.equal(bits(got), bits(expected[:, layer, kv])), f"layer {layer} {'kv'[kv]} differs"
+    untouched = torch.ones(buf.shape[0], dtype=torch.bool)
+    untouched[dst_pages] = False
+    assert buf[untouched].abs().sum().item() == 0, "stray writes"
+
+
+def _descriptors(chunk: list[list[int]]) -> int:
+    """Descriptors the sender posts for one chunk: one per run of pages consecutive on both sides,
+    or one per page when no run is longer than a page."""
+    return min(len(_runs(*chunk)), len(chunk[0]))
+
+
 def new_room() -> int:
     return uuid.uuid4().int >> 66  # 62-bit (room + 1 stays 63-bit), like SGLang's bootstrap_room
 
@@ -193,27 +215,80 @@ def transfer_and_check(
         done = peer.wait("done")
         assert done["ok"] is True and done["error"] is None
         nbytes = done["stats"][0]["bytes"]
-        assert nbytes == len(src_pages) * 2 * lay["num_layers"] * page_size * heads * dim * pool.k_buffers[0].element_size()
+        assert nbytes == len(src_pages) * 2 * lay["num_layers"] * page_size * heads * dim * pool.buffer.element_size()
+        assert done["stats"][0]["descriptors"] == sum(_descriptors(c) for c in chunks)
         print(f"\n{device} {dtype} page_size={page_size}: {nbytes / 1e6:.2f} MB in {done['seconds'] * 1e3:.2f} ms "
-              f"= {nbytes / 1e6 / done['seconds']:.0f} MB/s (3 chunks, warm connection, polling included); "
-              f"transports {done['transport']}")
+              f"= {nbytes / 1e6 / done['seconds']:.0f} MB/s (3 chunks, {done['stats'][0]['descriptors']} descriptors, "
+              f"warm connection, polling included); transports {done['transport']}")
 
-        expected = torch.load(tmp_path / "expected.pt", map_location="cpu")
-        dst_rows = torch.tensor([p * page_size + i for p in dst_pages for i in range(page_size)])
-        untouched = torch.ones(pool.k_buffers[0].shape[0], dtype=torch.bool)
-        untouched[dst_rows] = False
-        for layer in range(lay["num_layers"]):
-            for name, bufs in (("k", pool.k_buffers), ("v", pool.v_buffers)):
-                buf = bufs[layer].cpu()
-                assert torch.equal(bits(buf[dst_rows]), bits(expected[name][layer])), f"layer {layer} {name} differs"
-                assert buf[dst_rows].abs().sum() > 0
-                assert buf[untouched].abs().sum().item() == 0, f"layer {layer} {name}: stray writes"
+        expected = torch.load(tmp_path / "expected.pt", map_location="cpu")["pages"]
+        assert_pages_equal(pool, dst_pages, expected)
         assert redis.Redis.from_url(redis_url).get(f"sglang:nixl:room:{room}") is None
         mem = "host->host" if device == "cpu" else "cuda->cuda"
         assert done["transport"].get(f"put intra-node {mem}"), done["transport"]
         assert rx.transport_info().mem_type == ("DRAM" if device == "cpu" else "VRAM")
         return done
     finally:
+        rx.close()
+
+
+@pytest.mark.parametrize(("src", "dst", "descriptors"), [
+    (list(range(5, 21)), list(range(30, 46)), 1),  # 16 pages consecutive on both sides: ONE descriptor
+    ([1, 2, 3, 10, 11], [20, 21, 22, 5, 6], 2),  # two runs
+    ([9, 3, 17, 5], [40, 31, 2, 12], 4),  # nothing consecutive: one prepared block (page, all layers) each
+])
+def test_consecutive_pages_are_one_descriptor(
+    redis_url: str, src: list[int], dst: list[int], descriptors: int
+) -> None:
+    """Both sides in this process: counts the descriptors the sender hands NIXL (rows of the
+    descriptor lists it builds, or indices into the prepared per-page lists), and checks every
+    layer's K and V on the decode side equal the prefill side's bit for bit."""
+    lay = layout_dict("bfloat16", 16, layers=6, heads=2, dim=64)
+    pre_pool, layout = decode_pool(lay, num_pages=24)
+    dec_pool, _ = decode_pool(lay, num_pages=48)
+    gen = torch.Generator().manual_seed(11)
+    pre_pool.buffer.copy_(torch.randn(pre_pool.buffer.shape, generator=gen).to(torch.bfloat16))
+    rx = create_receiver("nixl", kv_pool=dec_pool, layout=layout, agent_name=f"dec-{uuid.uuid4().hex[:6]}",
+                         redis_url=redis_url, timeout_s=30.0)
+    tx = create_sender("nixl", kv_pool=pre_pool, layout=layout, agent_name=f"pre-{uuid.uuid4().hex[:6]}",
+                       redis_url=redis_url, timeout_s=30.0)
+    built: list[tuple[str, int]] = []
+    agent = tx.kv.agent  # type: ignore[attr-defined]
+    get_descs, prepped = agent.get_xfer_descs, agent.make_prepped_xfer
+
+    def spy_descs(descs: Any, mem_type: str) -> Any:
+        built.append(("list", len(descs)))
+        return get_descs(descs, mem_type)
+
+    def spy_prepped(op: str, local: Any, local_idx: Any, remote: Any, remote_idx: Any, notif: bytes) -> Any:
+        built.append(("prepped", len(local_idx)))
+        assert list(local_idx) == src and list(remote_idx) == dst  # block index == page id
+        return prepped(op, local, local_idx, remote, remote_idx, notif)
+
+    agent.get_xfer_descs, agent.make_prepped_xfer = spy_descs, spy_prepped
+    try:
+        room = new_room()
+        rx.publish(room, dst)
+        assert tx.dest(room) is not None
+        tx.send(room, src, dst, 0, last=True, aux={"first_token": 5})
+        got: list[RoomResult] = []
+        sent: list[tuple[int, bool, str | None]] = []
+        deadline = time.monotonic() + 30
+        while not (got and sent) and time.monotonic() < deadline:  # one thread drives both agents
+            got += rx.poll()
+            sent += tx.poll()
+            time.sleep(0.001)
+        assert got == [RoomResult(room, True, {"first_token": 5}, None)]
+        assert sent == [(room, True, None)]
+        kind = "prepped" if descriptors == len(src) else "list"
+        assert built == ([("list", descriptors)] * 2 if kind == "list" else [("prepped", descriptors)])
+        stats = tx.pop_stats()
+        block = pre_pool.page_bytes_all_layers
+        assert block == 6 * 2 * 16 * 2 * 64 * 2
+        assert [(s.ok, s.descriptors, s.bytes) for s in stats] == [(True, descriptors, len(src) * block)]
+        assert_pages_equal(dec_pool, dst, pre_pool.buffer[src])
+    finally:
+        tx.close()
         rx.close()
 
 
@@ -315,8 +390,7 @@ def test_decode_killed_mid_transfer_fails_the_room_on_the_prefill_side(
 ) -> None:
     lay = layout_dict("float32", 4)
     pool, layout = decode_pool(lay, num_pages=8)
-    for b in pool.k_buffers + pool.v_buffers:
-        b.normal_()
+    pool.buffer.normal_()
     tx = create_sender("nixl", kv_pool=pool, layout=layout, agent_name=f"pre-{uuid.uuid4().hex[:6]}",
                        redis_url=redis_url, timeout_s=30.0)
     try:
@@ -351,7 +425,7 @@ import time, torch
 from sglang.engine.memory import KVPool
 from sglang.kv_transfer import KVLayout, create_receiver, create_sender
 ps, pd = (KVPool(8, 4, 2, 2, 8, torch.float32, "cpu") for _ in range(2))
-ps.k_buffers[1].normal_()
+ps.buffer[:, 1].normal_()
 lay = KVLayout.from_pool(ps, "m")
 rx = create_receiver(kv_pool=pd, layout=lay, agent_name="shm-d", redis_url=URL, timeout_s=10)
 tx = create_sender(kv_pool=ps, layout=lay, agent_name="shm-p", redis_url=URL, timeout_s=10)
@@ -364,7 +438,7 @@ while time.monotonic() - t0 < 10 and not got:
     tx.poll()
     time.sleep(0.001)
 assert [(r.ok, r.aux) for r in got] == [(True, {"first_token": 9})], got
-assert torch.equal(ps.k_buffers[1][8:12], pd.k_buffers[1][12:16])
+assert torch.equal(ps.buffer[2], pd.buffer[3]) and pd.buffer[3].abs().sum() > 0
 print("mode", tx.transport_info().params["ucx_error_handling_mode"], rx.transport_info().params["ucx_error_handling_mode"])
 tx.close(); rx.close()
 """

@@ -25,14 +25,15 @@ pytestmark = pytest.mark.unit
 LAYOUT = KVLayout(model="llama", num_layers=2, page_size=16, num_kv_heads=8, head_dim=128, dtype="bfloat16")
 OTHER_VALUES: dict[str, Any] = {
     "model": "qwen2", "num_layers": 3, "page_size": 1, "num_kv_heads": 4, "head_dim": 64, "dtype": "float32",
+    "memory_layout": "layer_major",
 }
 
 
 def test_compat_hash_is_stable_across_processes_and_versions_of_this_code() -> None:
     # A literal: if this changes, old and new workers stop pairing; bump HANDSHAKE_VERSION on purpose.
-    assert LAYOUT.compat_hash() == "d17bb9b62d5ea51f3859c3972a9f2235"
+    assert LAYOUT.compat_hash() == "d6356f70ba2c5c5e2e40ac3f25991d31"
     assert KVLayout(**LAYOUT.to_dict()).compat_hash() == LAYOUT.compat_hash()
-    assert HANDSHAKE_VERSION == 1
+    assert HANDSHAKE_VERSION == 2 and LAYOUT.memory_layout == "page_major"
 
 
 @pytest.mark.parametrize("name", sorted(OTHER_VALUES))
@@ -45,7 +46,7 @@ def test_compat_hash_changes_with_every_field_and_diff_names_it(name: str) -> No
 
 def test_compat_hash_covers_the_handshake_version(monkeypatch: pytest.MonkeyPatch) -> None:
     before = LAYOUT.compat_hash()
-    monkeypatch.setattr(base, "HANDSHAKE_VERSION", 2)
+    monkeypatch.setattr(base, "HANDSHAKE_VERSION", 3)
     assert LAYOUT.compat_hash() != before
 
 
@@ -71,6 +72,8 @@ def test_layout_from_pool_and_check_pool() -> None:
                   dtype=torch.bfloat16, device="cpu")
     assert KVLayout.from_pool(pool, "llama") == LAYOUT
     LAYOUT.check_pool(pool)
+    with pytest.raises(ValueError, match="memory_layout: layout 'layer_major' != pool 'page_major'"):
+        dataclasses.replace(LAYOUT, memory_layout="layer_major").check_pool(pool)
     with pytest.raises(ValueError, match="page_size: layout 1 != pool 16"):
         dataclasses.replace(LAYOUT, page_size=1).check_pool(pool)
 
@@ -86,7 +89,7 @@ def test_transfer_dest_json_round_trip() -> None:
 def test_agent_record_round_trip_and_keys() -> None:
     rec = AgentRecord(agent="a", instance="i", role="decode", layout=LAYOUT.to_dict(),
                       layout_hash=LAYOUT.compat_hash(), mem_type="DRAM", device_id=0, num_pages=7,
-                      page_bytes=4096, buffers=[1, 2, 3, 4], metadata=b"\x00\xffbinary")
+                      page_bytes=4096, buffers=[1 << 40], metadata=b"\x00\xffbinary")
     back = AgentRecord.from_json(rec.to_json())
     assert back == rec and back.kv_layout == LAYOUT
     assert agent_key("sglang", "a") == "sglang:nixl:agent:a"
@@ -107,9 +110,18 @@ def test_notifications_of_other_versions_and_garbage_are_ignored(caplog: pytest.
     with caplog.at_level(logging.WARNING):
         assert decode(b'{"v":99,"t":"chunk","room":1,"chunk":0,"last":false}', "p") is None
         assert decode(b"1_kv_0_true", "p") is None
-        assert decode(b'{"v":1,"t":"chunk","room":1}', "p") is None
-        assert decode(b'{"v":1,"t":"mystery","room":1}', "p") is None
+        assert decode(b'{"v":2,"t":"chunk","room":1}', "p") is None
+        assert decode(b'{"v":2,"t":"mystery","room":1}', "p") is None
     assert len(caplog.records) == 4
+
+
+def test_abort_of_another_version_still_fails_the_room_naming_the_versions() -> None:
+    """An old (v1, layer-major) worker's abort must end the room now, not after the timeout."""
+    got = decode(b'{"v":1,"t":"abort","room":9,"error":"incompatible KV handshake"}', "pre-old")
+    assert got is not None and (got.kind, got.room) == (ABORT, 9)
+    assert got.error.startswith("KV handshake_version: this side 2 != pre-old 1 (version 2 moved the KV pool "
+                                "to the page-major layout; run the same version on both sides)")
+    assert got.error.endswith(": incompatible KV handshake")
 
 
 # Shapes as UCX 1.2x prints them on an H200 (two processes, one GPU, UCX_PROTO_INFO=y).

@@ -41,15 +41,37 @@ def test_double_free_and_out_of_range_raise() -> None:
 
 def test_kv_pool_set_and_read_slots() -> None:
     pool = KVPool(num_pages=4, page_size=2, num_layers=2, num_kv_heads=3, head_dim=5, dtype=torch.float32, device="cpu")
-    assert pool.k_buffers[0].shape == (10, 3, 5)
+    assert pool.buffer.shape == (5, 2, 2, 2, 3, 5) and pool.buffer.is_contiguous()
+    assert pool.nbytes == 5 * 2 * 2 * 2 * 3 * 5 * 4
+    assert pool.page_bytes_all_layers == 2 * 2 * 2 * 3 * 5 * 4 == 2 * KVPool.bytes_per_token(2, 3, 5, torch.float32)
     k = torch.randn(3, 3, 5)
     v = torch.randn(3, 3, 5)
-    loc = torch.tensor([2, 3, 7])
+    loc = torch.tensor([2, 3, 7])  # page 1 offsets 0 and 1, page 3 offset 1
     pool.set_kv(1, loc, k, v)
+    # exact placement in the page-major tensor: [page, layer, k/v, offset]
+    assert torch.equal(pool.buffer[1, 1, 0], k[:2]) and torch.equal(pool.buffer[1, 1, 1], v[:2])
+    assert torch.equal(pool.buffer[3, 1, 0, 1], k[2]) and torch.equal(pool.buffer[3, 1, 1, 1], v[2])
+    assert torch.count_nonzero(pool.buffer) == 2 * 3 * 3 * 5  # nothing else written
     kb, vb = pool.get_kv(1)
-    assert torch.equal(kb[loc], k) and torch.equal(vb[loc], v)
+    assert kb.shape == vb.shape == (5, 2, 3, 5)
+    assert torch.equal(kb[loc // 2, loc % 2], k) and torch.equal(vb[loc // 2, loc % 2], v)
+    assert kb.stride() == vb.stride() and pool.kv_strides() == kb.stride()[:3] == (2 * 2 * 2 * 3 * 5, 15, 5)
+    assert kb.data_ptr() - pool.buffer.data_ptr() == 2 * 2 * 3 * 5 * 4  # layer 1's K starts one layer in
+    gk, gv = pool.gather_kv(1, torch.tensor([7, 2, 4]))
+    assert torch.equal(gk, torch.stack([k[2], k[0], torch.zeros(3, 5)]))
+    assert torch.equal(gv, torch.stack([v[2], v[0], torch.zeros(3, 5)]))
+    assert pool.token_rows(torch.tensor([0, 1, 2, 7])).tolist() == [0, 1, 8, 25]  # page * L*2*page_size + offset
     assert torch.count_nonzero(pool.get_kv(0)[0]) == 0
     assert KVPool.bytes_per_token(2, 3, 5, torch.bfloat16) == 2 * 2 * 3 * 5 * 2
+
+
+def test_kv_pool_page_size_one_addresses_pages_directly() -> None:
+    pool = KVPool(num_pages=6, page_size=1, num_layers=3, num_kv_heads=2, head_dim=4, dtype=torch.bfloat16, device="cpu")
+    k = torch.randn(2, 2, 4).to(torch.bfloat16)
+    pool.set_kv(2, torch.tensor([6, 1]), k, -k)
+    assert torch.equal(pool.buffer[6, 2, 0, 0], k[0]) and torch.equal(pool.buffer[1, 2, 1, 0], -k[1])
+    assert torch.equal(pool.gather_kv(2, torch.tensor([1, 6]))[0], k.flip(0))
+    assert torch.count_nonzero(pool.buffer[:, :2]) == 0 and torch.count_nonzero(pool.buffer[[0, 2, 3, 4, 5]]) == 0
 
 
 @pytest.mark.parametrize("page_size", [1, 16])

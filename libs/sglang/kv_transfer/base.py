@@ -8,8 +8,10 @@ completed (``KVSender.send``), the first token and its logprob riding along with
 as ``aux``. Both sides learn the outcome by *polling* from the scheduler thread; nothing here
 blocks on a peer, and every wait has a timeout.
 
-Pages are ``KVPool`` pages: page ``p`` is rows ``p*page_size .. (p+1)*page_size`` of every layer's
-K and V tensor. A transfer of page list ``src -> dst`` moves those rows for *all* layers, K and V.
+Pages are ``KVPool`` pages. The pool is page-major (``memory_layout`` ``"page_major"``): page ``p``
+is one contiguous block ``buffer[p]`` holding its ``page_size`` tokens' K and V for *all* layers, so
+a transfer of page list ``src -> dst`` moves whole blocks, and a run of pages consecutive on both
+sides is one contiguous range (one NIXL descriptor).
 
 Compatibility. Both sides describe their pool with a ``KVLayout``; its ``compat_hash`` (every
 field plus ``HANDSHAKE_VERSION``) travels in the handshake, and pairing a prefill worker with a
@@ -26,9 +28,13 @@ from typing import Any
 
 import torch
 
-HANDSHAKE_VERSION = 1
+HANDSHAKE_VERSION = 2
 """Version of the KV handshake (Redis records and NIXL notifications). Bump on any change of
-their meaning; it is part of ``KVLayout.compat_hash`` so mixed versions refuse to pair."""
+their meaning; it is part of ``KVLayout.compat_hash`` so mixed versions refuse to pair.
+History: 1, one K and one V tensor per layer (a page was ``2 * num_layers`` blocks); 2, the
+page-major pool (a page is one block of all layers, ``AgentRecord.buffers`` has one address)."""
+
+HANDSHAKE_HINT = "version 2 moved the KV pool to the page-major layout; run the same version on both sides"
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class KVLayout:
     num_kv_heads: int  # per worker (after tensor-parallel sharding)
     head_dim: int
     dtype: str  # torch dtype name without the "torch." prefix: "float32", "bfloat16", ...
+    memory_layout: str = "page_major"  # KVPool.memory_layout: how a page's bytes are ordered
 
     @classmethod
     def from_pool(cls, pool: Any, model: str) -> KVLayout:
@@ -51,6 +58,7 @@ class KVLayout:
         return cls(
             model=model, num_layers=pool.num_layers, page_size=pool.page_size,
             num_kv_heads=pool.num_kv_heads, head_dim=pool.head_dim, dtype=dtype_name(pool.dtype),
+            memory_layout=pool.memory_layout,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,6 +166,7 @@ class TransferStats:
     seconds: float  # first send() to the last write's completion
     chunks: int
     peer: str = ""
+    descriptors: int = 0  # NIXL descriptors posted (one per run of consecutive pages, else per page)
 
     @property
     def gb_per_s(self) -> float:

@@ -47,9 +47,9 @@ def connect(redis_url: str) -> redis.Redis:
 
 @dataclass
 class AgentRecord:
-    """One NIXL agent as its peers see it. ``buffers`` are the base addresses of the KV pool's
-    tensors in the order K[0..L-1], V[0..L-1]; page ``p`` of buffer ``b`` starts at
-    ``buffers[b] + p * page_bytes``."""
+    """One NIXL agent as its peers see it. ``buffers`` holds one address, the base of the
+    page-major KV pool tensor (``KVPool.buffer``); page ``p`` (K and V of every layer, the unit of
+    transfer) is ``page_bytes`` bytes at ``buffers[0] + p * page_bytes``."""
 
     agent: str
     instance: str  # random per agent incarnation
@@ -59,7 +59,7 @@ class AgentRecord:
     mem_type: str  # "DRAM" | "VRAM"
     device_id: int
     num_pages: int  # the pool has num_pages + 1 pages (page 0 is padding)
-    page_bytes: int
+    page_bytes: int  # one page of all layers, K and V (KVPool.page_bytes_all_layers)
     buffers: list[int]
     metadata: bytes = b""  # nixl_agent.get_agent_metadata()
     version: int = HANDSHAKE_VERSION

@@ -1,10 +1,10 @@
 """One NIXL agent per worker: the KV pool registered once, its record in Redis, remote peers.
 
-Shared by ``NixlKVSender`` and ``NixlKVReceiver``. Descriptor lists address *blocks*: block
-``b * (num_pages + 1) + p`` is page ``p`` of buffer ``b`` (buffers K[0..L-1] then V[0..L-1]), i.e.
-rows ``p*page_size .. (p+1)*page_size`` of that tensor. They are prepared once per side (the local
-pool once; each peer's pool the first time we write to it) as strided lists, so a transfer is only
-two index arrays.
+Shared by ``NixlKVSender`` and ``NixlKVReceiver``. The registered memory is the one page-major
+pool tensor (``KVPool.buffer``); descriptor lists address *blocks*: block ``p`` is page ``p``, its
+tokens' K and V for every layer, ``page_bytes`` bytes at ``base + p * page_bytes``. They are
+prepared once per side (the local pool once; each peer's pool the first time we write to it) as
+strided lists, so a per-page transfer is only two index arrays (the page ids themselves).
 
 UCX environment: the connector never sets ``UCX_NET_DEVICES`` or ``UCX_TLS`` (a process-wide
 choice that also decides whether two hosts can reach each other: ``lo`` would make a two-host
@@ -81,18 +81,19 @@ class NixlKVAgent:
         self.layout_hash = layout.compat_hash()
         self.opts = opts
         self.prefix = opts.key_prefix
-        self.tensors: list[torch.Tensor] = list(kv_pool.k_buffers) + list(kv_pool.v_buffers)
-        first = self.tensors[0]
-        for t in self.tensors:
-            if not t.is_contiguous() or t.device != first.device:
-                raise ValueError("KV pool buffers must be contiguous and on one device")
+        first: torch.Tensor = kv_pool.buffer
+        if not first.is_contiguous():
+            raise ValueError("the KV pool tensor must be contiguous")
+        self.tensors = [first]  # the one registered region
         self.num_pages = int(kv_pool.num_pages)
         self.blocks = self.num_pages + 1  # page 0 (padding) included so block index == page id
-        self.page_bytes = layout.page_size * layout.num_kv_heads * layout.head_dim * first.element_size()
+        self.page_bytes = int(kv_pool.page_bytes_all_layers)  # one block: a page of every layer, K and V
+        if self.page_bytes * self.blocks != first.numel() * first.element_size():
+            raise ValueError("the KV pool tensor is not num_pages + 1 blocks of page_bytes_all_layers")
         self.mem_type = "VRAM" if first.is_cuda else "DRAM"
         self.src_kind = "cuda" if first.is_cuda else "host"  # how UCX's tables name this memory
         self.device_id = (first.device.index or 0) if first.is_cuda else 0
-        self.bytes_per_page_all_layers = self.page_bytes * len(self.tensors)
+        self.bytes_per_page_all_layers = self.page_bytes
 
         self.ucx_log = UcxLogReader(enable_capture() if opts.capture_ucx_info else None, agent_name)
         self._check_env()
@@ -106,7 +107,7 @@ class NixlKVAgent:
         record = AgentRecord(
             agent=agent_name, instance=self.instance, role=role, layout=layout.to_dict(),
             layout_hash=self.layout_hash, mem_type=self.mem_type, device_id=self.device_id,
-            num_pages=self.num_pages, page_bytes=self.page_bytes, buffers=[t.data_ptr() for t in self.tensors],
+            num_pages=self.num_pages, page_bytes=self.page_bytes, buffers=[first.data_ptr()],
             metadata=self.agent.get_agent_metadata(), host=socket.gethostname(), pid=os.getpid(),
         )
         self.heartbeat = AgentHeartbeat(redis_url, self.prefix, record, opts.heartbeat_s, opts.peer_ttl_s)
@@ -114,8 +115,8 @@ class NixlKVAgent:
         self._reported: set[str] = set()
         self._closed = False
         logger.info(
-            "kv_transfer %s agent %s: %d buffers x %d pages x %d B (%s), UCX env %s, params %s",
-            role, agent_name, len(self.tensors), self.blocks, self.page_bytes, self.mem_type, ucx_env(),
+            "kv_transfer %s agent %s: page-major pool, %d pages x %d B (%s), UCX env %s, params %s",
+            role, agent_name, self.blocks, self.page_bytes, self.mem_type, ucx_env(),
             self.backend_params,
         )
 
@@ -191,8 +192,10 @@ class NixlKVAgent:
             peer = self.peers[name] = Peer(record)
         if for_write and peer.dlist is None:
             r = peer.record
-            if r.page_bytes != self.page_bytes:
-                raise PeerUnavailable(f"agent {name} page_bytes {r.page_bytes} != {self.page_bytes}")
+            if r.page_bytes != self.page_bytes or len(r.buffers) != 1:
+                raise PeerUnavailable(
+                    f"agent {name} page_bytes {r.page_bytes} != {self.page_bytes} or {len(r.buffers)} buffers != 1"
+                )
             peer.dlist = self._prep(name, r.buffers, r.num_pages + 1, r.mem_type, r.device_id)
         return peer
 

@@ -3,9 +3,11 @@
 Per room: ``dest`` reads ``{prefix}:nixl:room:{room}``, checks the layout hash (refusing with
 ``IncompatibleKVLayout`` and telling the decode side), loads the decode agent's metadata and
 descriptor list once per agent, and sends a ``claim`` notification so the decode side knows whom
-to watch. Each ``send`` is one ``make_prepped_xfer`` over every (buffer, page) block of the chunk
-with the chunk notification attached, posted at once (on GPU: once the current CUDA stream has
-produced the pages, checked without blocking in ``poll``). ``poll`` checks the handles, releases
+to watch. Each ``send`` is one WRITE with the chunk notification attached, posted at once (on GPU:
+once the current CUDA stream has produced the pages, checked without blocking in ``poll``). The
+pool is page-major, so a page (all layers, K and V) is one block: a run of pages consecutive on
+both sides is ONE descriptor (UCX pays per descriptor, so fewer, larger writes run closer to the
+link's bandwidth); a chunk with no run longer than a page uses the prepared per-page lists. ``poll`` checks the handles, releases
 finished ones, reads abort notifications from decode, watches the decode agents' heartbeats and
 times out writes that make no progress for ``timeout_s``.
 """
@@ -24,6 +26,7 @@ import torch
 from nixl._api import nixl_xfer_handle
 
 from sglang.kv_transfer.base import (
+    HANDSHAKE_HINT,
     HANDSHAKE_VERSION,
     IncompatibleKVLayout,
     KVLayout,
@@ -63,6 +66,7 @@ class _Room:
     last_sent: bool = False
     error: str | None = None
     bytes: int = 0
+    descriptors: int = 0
     first_send: float = 0.0
     progress: float = field(default_factory=time.monotonic)
 
@@ -80,7 +84,6 @@ class NixlKVSender(KVSender):
         self.timeout_s = timeout_s
         self.kv = NixlKVAgent(kv_pool, layout, agent_name, redis_url, "prefill", AgentOptions(**options))
         self.device = self.kv.tensors[0].device
-        self.num_buffers = len(self.kv.tensors)
         self._rooms: dict[int, _Room] = {}
         self._closed_rooms: OrderedDict[int, None] = OrderedDict()
         self._zombies: list[nixl_xfer_handle] = []  # handles NIXL could not release yet
@@ -120,7 +123,7 @@ class NixlKVSender(KVSender):
         if d.version != HANDSHAKE_VERSION:
             return IncompatibleKVLayout(
                 f"incompatible KV handshake {ctx}: handshake_version: prefill {HANDSHAKE_VERSION} != decode "
-                f"{d.version}", ["handshake_version"],
+                f"{d.version} ({HANDSHAKE_HINT})", ["handshake_version"],
             )
         rec = read_agent(self.kv.redis, self.kv.prefix, d.agent_name)
         if rec is None:
@@ -176,20 +179,11 @@ class NixlKVSender(KVSender):
                 return
         self._post(room, r, src_pages, dst_pages, chunk_id, notif)
 
-    def _indices(self, pages: list[int], blocks: int) -> np.ndarray:
-        p = np.asarray(pages, dtype=np.int64)
-        idx = np.arange(self.num_buffers, dtype=np.int64)[:, None] * blocks + p[None, :]
-        return np.ascontiguousarray(idx.ravel(), dtype=np.int32)
-
     def _coalesced_xfer(self, peer_name: str, rec: Any, runs: list[tuple[int, int, int]], notif: bytes) -> Any:
         pb = self.kv.page_bytes
-        local_bases = [t.data_ptr() for t in self.kv.tensors]
-        local = np.array(
-            [(base + s * pb, n * pb, self.kv.device_id) for base in local_bases for s, _, n in runs], dtype=np.uint64
-        )
-        remote = np.array(
-            [(base + d * pb, n * pb, rec.device_id) for base in rec.buffers for _, d, n in runs], dtype=np.uint64
-        )
+        base, remote_base = self.kv.tensors[0].data_ptr(), rec.buffers[0]
+        local = np.array([(base + s * pb, n * pb, self.kv.device_id) for s, _, n in runs], dtype=np.uint64)
+        remote = np.array([(remote_base + d * pb, n * pb, rec.device_id) for _, d, n in runs], dtype=np.uint64)
         agent = self.kv.agent
         return agent.initialize_xfer(
             "WRITE", agent.get_xfer_descs(local, self.kv.mem_type), agent.get_xfer_descs(remote, rec.mem_type),
@@ -203,15 +197,15 @@ class NixlKVSender(KVSender):
             return
         try:
             runs = _runs(src, dst)
-            if 2 * len(runs) <= len(src):
-                # Consecutive pages on both sides: one descriptor per run and buffer instead of
-                # one per page (fewer, larger writes run much closer to the link's bandwidth).
+            if len(runs) < len(src):  # some pages consecutive on both sides: one descriptor per run
                 h = self._coalesced_xfer(r.peer, peer.record, runs, notif)
-            else:
+                descriptors = len(runs)
+            else:  # block index == page id in both prepared lists
                 h = self.kv.agent.make_prepped_xfer(
-                    "WRITE", self.kv.local_dlist(), self._indices(src, self.kv.blocks),
-                    peer.dlist, self._indices(dst, peer.record.num_pages + 1), notif,
+                    "WRITE", self.kv.local_dlist(), np.asarray(src, dtype=np.int32),
+                    peer.dlist, np.asarray(dst, dtype=np.int32), notif,
                 )
+                descriptors = len(src)
             state = self.kv.agent.transfer(h)
         except Exception as e:  # nixl raises its bindings' error classes
             r.error = f"posting the write of chunk {chunk} to {r.peer} failed: {e}"
@@ -220,6 +214,7 @@ class NixlKVSender(KVSender):
             r.error = f"NIXL write of chunk {chunk} to decode agent {r.peer} failed at post"
             self._drop(h)
             return
+        r.descriptors += descriptors
         r.xfers.append((h, chunk))
 
     # ---- completion ----------------------------------------------------------------------
@@ -282,7 +277,9 @@ class NixlKVSender(KVSender):
             self._drop(h)
         self._remember_closed(room)
         if r.chunks:
-            self._stats.append(TransferStats(room, ok, r.bytes, now - r.first_send, len(r.chunks), r.peer))
+            self._stats.append(
+                TransferStats(room, ok, r.bytes, now - r.first_send, len(r.chunks), r.peer, r.descriptors)
+            )
 
     def _release(self, h: nixl_xfer_handle) -> bool:
         try:

@@ -1,15 +1,17 @@
 """NIXL notification messages (wire format ``HANDSHAKE_VERSION``): compact JSON objects.
 
 prefill -> decode
-  ``{"v":1,"t":"claim","room":R}``                       a prefill agent paired with room R
-  ``{"v":1,"t":"chunk","room":R,"chunk":C,"last":false}``  chunk C's pages have landed
-  ``{"v":1,"t":"chunk","room":R,"chunk":C,"last":true,"n":N,"aux":{...}}``  the last one; N chunks in all
-  ``{"v":1,"t":"abort","room":R,"error":"..."}``          the prefill side gave the room up
+  ``{"v":2,"t":"claim","room":R}``                       a prefill agent paired with room R
+  ``{"v":2,"t":"chunk","room":R,"chunk":C,"last":false}``  chunk C's pages have landed
+  ``{"v":2,"t":"chunk","room":R,"chunk":C,"last":true,"n":N,"aux":{...}}``  the last one; N chunks in all
+  ``{"v":2,"t":"abort","room":R,"error":"..."}``          the prefill side gave the room up
 decode -> prefill
-  ``{"v":1,"t":"abort","room":R,"error":"..."}``          the decode side gave the room up
+  ``{"v":2,"t":"abort","room":R,"error":"..."}``          the decode side gave the room up
 
 A chunk notification rides on its WRITE, which NIXL delivers after the write's data; empty chunks
-(no pages) go as standalone notifications. Receivers ignore other versions and unknown types.
+(no pages) go as standalone notifications. Receivers ignore other versions and unknown types,
+except an ``abort`` of another version: it still fails the room, its error saying that the two
+sides speak different handshake versions (so mixed versions fail fast, not by timeout).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from sglang.kv_transfer.base import HANDSHAKE_VERSION
+from sglang.kv_transfer.base import HANDSHAKE_HINT, HANDSHAKE_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,10 @@ def decode(raw: bytes, sender: str) -> Notification | None:
     try:
         d = json.loads(raw)
         if not isinstance(d, dict) or d.get("v") != HANDSHAKE_VERSION:
+            if isinstance(d, dict) and d.get("t") == ABORT and isinstance(d.get("room"), int):
+                why = f"KV handshake_version: this side {HANDSHAKE_VERSION} != {sender} {d.get('v')!r} ({HANDSHAKE_HINT})"
+                logger.warning("kv_transfer: %s; failing room %d", why, d["room"])
+                return Notification(ABORT, d["room"], error=f"{why}: {d.get('error', '')}")
             logger.warning("kv_transfer: ignoring notification of another version from %s: %.200r", sender, raw)
             return None
         kind = d["t"]

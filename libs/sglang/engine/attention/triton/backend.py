@@ -28,7 +28,9 @@ class TritonBackend(AttentionBackend):
     Decode (one token per request) runs a split-K kernel: ``num_kv_splits`` programs per
     (request, KV head) each reduce a slice of the context, a second kernel merges the slices.
     Extend runs a causal tiled kernel over prefix + new tokens. Both gather K/V by slot through
-    ``req_to_token``, so any page size works, and both honour ``layer.sliding_window``.
+    ``req_to_token``, so any page size works, and both honour ``layer.sliding_window``. Slot ``s``
+    is read at page ``s // page_size``, offset ``s % page_size`` of the page-major pool's per-layer
+    views (``KVPool.get_kv``; page size a kernel constant).
 
     CUDA-graph contract (DECODE mode only):
 

@@ -38,16 +38,19 @@ def block_d(head_dim: int) -> int:
 
 @triton.jit
 def attend_tile(
-    q, m_i, l_i, acc, table_row, offs_n, n_mask, score_mask, k_base, v_base, stride_kbs, stride_vbs,
-    offs_d, d_mask, qk_scale, DOT_FP32: tl.constexpr,
+    q, m_i, l_i, acc, table_row, offs_n, n_mask, score_mask, k_base, v_base, stride_page, stride_tok,
+    offs_d, d_mask, qk_scale, PAGE_SIZE: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """One online-softmax step of query rows ``q`` ``[R, BLOCK_D]`` over the keys at positions
     ``offs_n`` ``[BLOCK_N]``, gathered by slot from ``table_row``. ``n_mask`` says which positions
     exist, ``score_mask`` ``[R, BLOCK_N]`` which (row, key) pairs attend. Scores are in base 2
-    (``qk_scale`` includes log2 e); running maxima start finite so fully masked rows stay at 0."""
+    (``qk_scale`` includes log2 e); running maxima start finite so fully masked rows stay at 0.
+    Slot ``s`` lives at ``(s // PAGE_SIZE) * stride_page + (s % PAGE_SIZE) * stride_tok`` from the
+    layer's K (V) base plus the head offset, in the page-major pool (``KVPool.get_kv``)."""
     slots = tl.load(table_row + offs_n, mask=n_mask, other=0).to(tl.int64)
+    tok = (slots // PAGE_SIZE) * stride_page + (slots % PAGE_SIZE) * stride_tok
     k = tl.load(
-        k_base + slots[None, :] * stride_kbs + offs_d[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0
+        k_base + tok[None, :] + offs_d[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0
     ).to(q.dtype)  # [BLOCK_D, BLOCK_N]
     if DOT_FP32:
         s = tl.dot(q, k, input_precision="ieee")
@@ -59,7 +62,7 @@ def attend_tile(
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(
-        v_base + slots[:, None] * stride_vbs + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0
+        v_base + tok[:, None] + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0
     )  # [BLOCK_N, BLOCK_D]
     if DOT_FP32:
         pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
@@ -70,23 +73,23 @@ def attend_tile(
 
 @triton.jit
 def _attend_step(
-    q, m_i, l_i, acc, n0, hi, q_pos, r_mask, window, table_row, k_base, v_base, stride_kbs, stride_vbs,
-    offs_d, d_mask, qk_scale, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    q, m_i, l_i, acc, n0, hi, q_pos, r_mask, window, table_row, k_base, v_base, stride_page, stride_tok,
+    offs_d, d_mask, qk_scale, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < hi
     seen = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] > q_pos[:, None] - window)
     return attend_tile(
         q, m_i, l_i, acc, table_row, offs_n, n_mask, seen & n_mask[None, :] & r_mask[:, None],
-        k_base, v_base, stride_kbs, stride_vbs, offs_d, d_mask, qk_scale, DOT_FP32,
+        k_base, v_base, stride_page, stride_tok, offs_d, d_mask, qk_scale, PAGE_SIZE, DOT_FP32,
     )
 
 
 @triton.jit
 def attend_range(
-    q, q_pos, r_mask, lo, hi, window, table_row, k_base, v_base, stride_kbs, stride_vbs, offs_d, d_mask, qk_scale,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
-    INTERP: tl.constexpr,
+    q, q_pos, r_mask, lo, hi, window, table_row, k_base, v_base, stride_page, stride_tok, offs_d, d_mask, qk_scale,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr, INTERP: tl.constexpr,
 ):
     """Online softmax of query rows ``q`` (at positions ``q_pos``, valid where ``r_mask``) over the
     key positions ``lo .. hi``: causal, and limited to the last ``window`` tokens of each row.
@@ -98,14 +101,23 @@ def attend_range(
         n0 = lo
         while n0 < hi:
             m_i, l_i, acc = _attend_step(
-                q, m_i, l_i, acc, n0, hi, q_pos, r_mask, window, table_row, k_base, v_base, stride_kbs,
-                stride_vbs, offs_d, d_mask, qk_scale, BLOCK_N, DOT_FP32,
+                q, m_i, l_i, acc, n0, hi, q_pos, r_mask, window, table_row, k_base, v_base, stride_page,
+                stride_tok, offs_d, d_mask, qk_scale, PAGE_SIZE, BLOCK_N, DOT_FP32,
             )
             n0 += BLOCK_N
     else:
         for n0 in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _attend_step(
-                q, m_i, l_i, acc, n0, hi, q_pos, r_mask, window, table_row, k_base, v_base, stride_kbs,
-                stride_vbs, offs_d, d_mask, qk_scale, BLOCK_N, DOT_FP32,
+                q, m_i, l_i, acc, n0, hi, q_pos, r_mask, window, table_row, k_base, v_base, stride_page,
+                stride_tok, offs_d, d_mask, qk_scale, PAGE_SIZE, BLOCK_N, DOT_FP32,
             )
     return m_i, l_i, acc
+
+
+def kv_strides(k_buf: torch.Tensor, v_buf: torch.Tensor) -> tuple[int, int, int]:
+    """Element strides ``(page, token, head)`` of a layer's K/V views ``[pages, page_size, KVH, D]``
+    (``KVPool.get_kv``); K and V must share them and head_dim must be contiguous."""
+    if k_buf.dim() != 4 or k_buf.stride() != v_buf.stride() or k_buf.stride(3) != 1:
+        raise ValueError(f"K/V views must be [pages, page_size, KVH, D] with equal strides, got "
+                         f"{tuple(k_buf.shape)} {k_buf.stride()} / {v_buf.stride()}")
+    return k_buf.stride(0), k_buf.stride(1), k_buf.stride(2)

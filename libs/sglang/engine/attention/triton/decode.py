@@ -23,17 +23,19 @@ from sglang.engine.attention.triton.common import (
     block_d,
     dot_in_fp32,
     interpreting,
+    kv_strides,
 )
 
 
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_buf, v_buf, table_ptr, rows_ptr, seq_lens_ptr, mid_o, mid_lse,
-    stride_qt, stride_qh, stride_kbs, stride_kbh, stride_vbs, stride_vbh, stride_table,
+    stride_qt, stride_qh, stride_page, stride_tok, stride_kvh, stride_table,
     stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
     qk_scale, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_FP32: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_FP32: tl.constexpr,
+    INTERP: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -58,12 +60,12 @@ def _decode_split_kernel(
     if DOT_FP32:
         q = q.to(tl.float32)
 
-    k_base = k_buf + kvh.to(tl.int64) * stride_kbh
-    v_base = v_buf + kvh.to(tl.int64) * stride_vbh
+    k_base = k_buf + kvh.to(tl.int64) * stride_kvh
+    v_base = v_buf + kvh.to(tl.int64) * stride_kvh
     q_pos = tl.zeros([BLOCK_H], tl.int32) + seq_len - 1
     m_i, l_i, acc = attend_range(
-        q, q_pos, h_mask, start, end, window, table_ptr + row * stride_table, k_base, v_base, stride_kbs,
-        stride_vbs, offs_d, d_mask, qk_scale, BLOCK_H, BLOCK_D, BLOCK_N, DOT_FP32, INTERP,
+        q, q_pos, h_mask, start, end, window, table_ptr + row * stride_table, k_base, v_base, stride_page,
+        stride_tok, offs_d, d_mask, qk_scale, BLOCK_H, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_FP32, INTERP,
     )
 
     l_safe = tl.maximum(l_i, 1e-30)
@@ -122,14 +124,16 @@ def decode_attention(
 ) -> torch.Tensor:
     """Attention of ``q`` ``[B, H, D]`` (one token per request) over each request's context.
 
-    ``k_buf``/``v_buf`` are ``[slots, KVH, D]``; request ``i`` owns row ``req_pool_indices[i]`` of
-    ``table`` and its first ``seq_lens[i]`` entries (the new token's K/V already written). Uses
+    ``k_buf``/``v_buf`` are one layer's views ``[pages, page_size, KVH, D]`` of the page-major
+    pool (``KVPool.get_kv``; slot ``s`` is ``[s // page_size, s % page_size]``); request ``i`` owns
+    row ``req_pool_indices[i]`` of ``table`` and its first ``seq_lens[i]`` entries (the new token's K/V already written). Uses
     ``scratch[0][:B]`` and ``scratch[1][:B]`` (see :func:`decode_scratch`); the number of splits is
     the scratch's third dimension (a power of two). Returns ``[B, H, D]`` in q's dtype. Issues no
     host synchronisation.
     """
     bs, num_heads, head_dim = q.shape
-    num_kv_heads = k_buf.shape[1]
+    page_size, num_kv_heads = k_buf.shape[1], k_buf.shape[2]
+    stride_page, stride_tok, stride_kvh = kv_strides(k_buf, v_buf)
     group = num_heads // num_kv_heads
     mid_o, mid_lse = scratch[0][:bs], scratch[1][:bs]
     num_splits = mid_o.shape[2]
@@ -137,11 +141,11 @@ def decode_attention(
     bd = block_d(head_dim)
     _decode_split_kernel[(bs, num_kv_heads, num_splits)](
         q, k_buf, v_buf, table, req_pool_indices, seq_lens, mid_o, mid_lse,
-        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+        q.stride(0), q.stride(1), stride_page, stride_tok, stride_kvh,
         table.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         scaling * LOG2E, sliding_window or NO_WINDOW,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=bd,
-        BLOCK_N=block_n, NUM_SPLITS=num_splits, DOT_FP32=dot_in_fp32(q.dtype), INTERP=interpreting(),
+        BLOCK_N=block_n, PAGE_SIZE=page_size, NUM_SPLITS=num_splits, DOT_FP32=dot_in_fp32(q.dtype), INTERP=interpreting(),
         num_warps=4, num_stages=2,
     )
     _decode_merge_kernel[(bs, num_heads)](

@@ -22,6 +22,7 @@ from sglang.engine.attention.triton.common import (
     block_d,
     dot_in_fp32,
     interpreting,
+    kv_strides,
 )
 
 BLOCK_ROWS = 64  # query rows (tokens x group heads) per program
@@ -31,10 +32,10 @@ BLOCK_N = 64  # keys per step
 @triton.jit
 def _extend_kernel(
     q_ptr, k_buf, v_buf, table_ptr, tiles_ptr, out_ptr,
-    stride_qt, stride_qh, stride_kbs, stride_kbh, stride_vbs, stride_vbh, stride_table, stride_ot, stride_oh,
+    stride_qt, stride_qh, stride_page, stride_tok, stride_kvh, stride_table, stride_ot, stride_oh,
     qk_scale, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_FP32: tl.constexpr, INTERP: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -57,13 +58,13 @@ def _extend_kernel(
     if DOT_FP32:
         q = q.to(tl.float32)
 
-    k_base = k_buf + kvh.to(tl.int64) * stride_kbh
-    v_base = v_buf + kvh.to(tl.int64) * stride_vbh
+    k_base = k_buf + kvh.to(tl.int64) * stride_kvh
+    v_base = v_buf + kvh.to(tl.int64) * stride_kvh
     hi = pos0 + ntok  # keys past the tile's last token are never seen
     lo = tl.maximum(pos0 - window + 1, 0)  # nor keys before its first token's window
     _, l_i, acc = attend_range(
-        q, q_pos, r_mask, lo, hi, window, table_ptr + row * stride_table, k_base, v_base, stride_kbs,
-        stride_vbs, offs_d, d_mask, qk_scale, BLOCK_R, BLOCK_D, BLOCK_N, DOT_FP32, INTERP,
+        q, q_pos, r_mask, lo, hi, window, table_ptr + row * stride_table, k_base, v_base, stride_page,
+        stride_tok, offs_d, d_mask, qk_scale, BLOCK_R, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_FP32, INTERP,
     )
 
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
@@ -108,21 +109,23 @@ def extend_attention(
     """Causal attention of packed new tokens ``q`` ``[T, H, D]`` over prefix + new keys.
 
     ``tiles`` comes from :func:`extend_tiles` with this layer's group (``H // KVH``); the new
-    tokens' K/V must already be in ``k_buf``/``v_buf`` at the slots the table names. Returns
+    tokens' K/V must already be in ``k_buf``/``v_buf`` (one layer's ``[pages, page_size, KVH, D]``
+    views, ``KVPool.get_kv``) at the slots the table names. Returns
     ``[T, H, D]`` in q's dtype.
     """
     t, num_heads, head_dim = q.shape
-    num_kv_heads = k_buf.shape[1]
+    page_size, num_kv_heads = k_buf.shape[1], k_buf.shape[2]
+    stride_page, stride_tok, stride_kvh = kv_strides(k_buf, v_buf)
     group = num_heads // num_kv_heads
     out = torch.empty((t, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if tiles.shape[0] == 0:
         return out
     _extend_kernel[(tiles.shape[0], num_kv_heads)](
         q, k_buf, v_buf, table, tiles, out,
-        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
+        q.stride(0), q.stride(1), stride_page, stride_tok, stride_kvh,
         table.stride(0), out.stride(0), out.stride(1),
         scaling * LOG2E, sliding_window or NO_WINDOW,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_R=block_rows(group), BLOCK_D=block_d(head_dim), BLOCK_N=BLOCK_N,
-        DOT_FP32=dot_in_fp32(q.dtype), INTERP=interpreting(), num_warps=4, num_stages=2,
+        PAGE_SIZE=page_size, DOT_FP32=dot_in_fp32(q.dtype), INTERP=interpreting(), num_warps=4, num_stages=2,
     )
     return out
