@@ -24,9 +24,9 @@ from examples.frontend import (
     tip_suggestion,
     tool_use,
 )
-from tests.helpers.procs import REPO, WorkerProc, make_tiny_worker_model, spawn_worker
-from tests.helpers.redis_server import start_redis
-from tests.helpers.router_procs import RouterProc, router_env, spawn_router
+from tests.helpers.mesh import one_worker_mesh
+from tests.helpers.procs import REPO, WorkerProc, make_tiny_worker_model
+from tests.helpers.router_procs import RouterProc, router_env
 
 pytestmark = pytest.mark.e2e
 
@@ -43,17 +43,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def mesh(model_dir: Path) -> Iterator[tuple[WorkerProc, RouterProc]]:
-    url, stop_redis = start_redis()
-    worker = spawn_worker(["--redis-url", url, "--model-path", str(model_dir), *WORKER_ARGS], wait=False)
-    router = spawn_router(["--redis-url", url, "--discovery-interval-s", "0.2"], wait=False)
-    try:
-        yield worker.wait_ready(90), router.wait_ready().wait_healthy(workers=1, timeout_s=90)
-    finally:
-        router.terminate()
-        worker.terminate()
-        router.stop()
-        worker.stop()
-        stop_redis()
+    with one_worker_mesh(model_dir, WORKER_ARGS) as pair:
+        yield pair
 
 
 @pytest.fixture(scope="module")
