@@ -47,7 +47,11 @@ def worker(role: str, gpu: int, args: dict[str, Any], q_meta: Any, conn: Any) ->
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     mem = "VRAM" if dev == "cuda" else "DRAM"
-    agent = nixl_agent(f"layout-{role}", nixl_agent_config(backends=["UCX"]))
+    agent = nixl_agent(f"layout-{role}", nixl_agent_config(
+        enable_prog_thread=not args["no_prog_thread"], backends=[], num_threads=args["num_threads"]
+    ))
+    params = {"num_workers": str(args["num_workers"])} if args["num_workers"] else {}
+    agent.create_backend("UCX", params)
     results: dict[str, Any] = {}
     for layout in args["layouts"]:
         bufs = _buffers(torch, layout, args["mb"], args["pieces"], args["region_mb"], dev)
@@ -55,6 +59,8 @@ def worker(role: str, gpu: int, args: dict[str, Any], q_meta: Any, conn: Any) ->
         descs = np.array(_descs(bufs, layout, args["mb"], args["pieces"], 0), dtype=np.uint64)
         if role == "recv":
             q_meta.put((agent.get_agent_metadata(), descs.tobytes()))
+            while not conn.poll(0.0005):  # keep this side progressing (needed without a progress thread)
+                agent.get_new_notifs()
             conn.recv()  # the sender is done with this layout
             agent.deregister_memory(agent.get_reg_descs(bufs)) if hasattr(agent, "get_reg_descs") else None
             del bufs
@@ -69,15 +75,23 @@ def worker(role: str, gpu: int, args: dict[str, Any], q_meta: Any, conn: Any) ->
             if dev == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            h = agent.initialize_xfer(
-                "WRITE", agent.get_xfer_descs(descs, mem), agent.get_xfer_descs(remote, mem), peer, b"n"
-            )
+            k = max(1, min(args["handles"], len(descs)))
+            parts = [(np.ascontiguousarray(descs[i::k]), np.ascontiguousarray(remote[i::k])) for i in range(k)]
+            hs = [
+                agent.initialize_xfer("WRITE", agent.get_xfer_descs(lo, mem), agent.get_xfer_descs(re, mem), peer, b"n")
+                for lo, re in parts
+            ]
             t1 = time.perf_counter()
-            agent.transfer(h)
-            while agent.check_xfer_state(h) not in ("DONE", "ERR"):
-                pass
+            for h in hs:
+                agent.transfer(h)
+            pending = list(hs)
+            while pending:
+                pending = [h for h in pending if agent.check_xfer_state(h) not in ("DONE", "ERR")]
+                if pending and args["poll_sleep_us"]:
+                    time.sleep(args["poll_sleep_us"] / 1e6)
             t2 = time.perf_counter()
-            agent.release_xfer_handle(h)
+            for h in hs:
+                agent.release_xfer_handle(h)
             inits.append(t1 - t0)
             posts.append(t2 - t1)
         post = statistics.median(posts[1:])
@@ -100,6 +114,11 @@ def main() -> None:
     ap.add_argument("--region-mb", type=int, default=64)
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--layouts", nargs="+", default=["one", "split", "regions"])
+    ap.add_argument("--handles", type=int, default=1, help="split the descriptors over this many xfers")
+    ap.add_argument("--num-threads", type=int, default=0, help="nixl_agent_config(num_threads=)")
+    ap.add_argument("--num-workers", type=int, default=0, help="UCX backend num_workers (0: default)")
+    ap.add_argument("--no-prog-thread", action="store_true", help="nixl_agent_config(enable_prog_thread=False)")
+    ap.add_argument("--poll-sleep-us", type=float, default=0.0, help="sleep between completion checks")
     args = ap.parse_args()
     os.environ.setdefault("UCX_NET_DEVICES", "all")
     ctx = mp.get_context("spawn")
@@ -119,7 +138,9 @@ def main() -> None:
     res = c.recv()
     ps.join()
     pr.join()
-    print(f"NIXL WRITE GPU0->GPU1, {args.mb} MiB in total, {args.pieces} pieces, regions of {args.region_mb} MiB")
+    print(f"NIXL WRITE GPU0->GPU1, {args.mb} MiB in total, {args.pieces} pieces, regions of {args.region_mb} MiB, "
+          f"handles {args.handles}, num_threads {args.num_threads}, num_workers {args.num_workers or 'default'}, "
+          f"poll sleep {args.poll_sleep_us} us, progress thread {not args.no_prog_thread}")
     print("| layout | descriptors | initialize_xfer ms | post->DONE ms | GB/s | vs one |")
     print("|---|---|---|---|---|---|")
     base = res.get("one", {}).get("gbs")
