@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 @dataclass
 class _Meta:
     token_starts: list[int]  # offset of request i's new tokens in the packed axis
-    kv_rows: list[torch.Tensor]  # request i's KV token rows (KVPool.token_rows) for its whole context
+    kv_rows: list[torch.Tensor]  # request i's KV token rows (KVPool.token_rows) for its context; [] in DECODE
     masks: list[torch.Tensor | None]  # [ext, seq] bool (True = attend) or None (decode, no window)
+    out_rows: torch.Tensor  # token rows of batch.out_cache_loc (where every layer writes the new K/V)
     # DECODE batches run as one padded SDPA call: token rows [B * L] (padding -> slot 0) and positions.
     padded_rows: torch.Tensor | None = None
     key_pos: torch.Tensor | None = None  # [1, L] key positions 0..L-1
@@ -46,14 +47,15 @@ class TorchNativeBackend(AttentionBackend):
             seq = pre + ext
             starts.append(off)
             off += ext
-            rows_of.append(batch.kv_pool.token_rows(table[row, :seq]))
+            if not batch.is_decode:  # decode reads the padded rows below
+                rows_of.append(batch.kv_pool.token_rows(table[row, :seq]))
             if ext == 1:
                 masks.append(None)
             else:
                 q_pos = torch.arange(pre, seq, device=table.device).unsqueeze(1)
                 k_pos = torch.arange(seq, device=table.device).unsqueeze(0)
                 masks.append(k_pos <= q_pos)
-        meta = _Meta(starts, rows_of, masks)
+        meta = _Meta(starts, rows_of, masks, batch.kv_pool.token_rows(batch.out_cache_loc.long()))
         if batch.is_decode:
             max_len = max(batch.prefix_lens_cpu) + 1
             meta.padded_rows = batch.kv_pool.token_rows(table[batch.req_pool_indices, :max_len].reshape(-1))
@@ -75,7 +77,7 @@ class TorchNativeBackend(AttentionBackend):
         h, kvh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
         t = q.shape[0]
         pool = batch.kv_pool
-        pool.set_kv(layer.layer_id, batch.out_cache_loc, k.view(t, kvh, d), v.view(t, kvh, d))
+        pool.set_kv_rows(layer.layer_id, meta.out_rows, k.view(t, kvh, d), v.view(t, kvh, d))
         q = q.view(t, h, d)
         if meta.padded_rows is not None:
             return self._decode_padded(q, pool, layer, meta).reshape(t, h * d)

@@ -67,15 +67,22 @@ class KVPool:
         return self.buffer[0].numel() * self.buffer.element_size()
 
     def token_rows(self, slots: torch.Tensor) -> torch.Tensor:
-        """Layer-independent row ids of token ``slots`` for ``gather_kv_rows`` (same shape)."""
-        if self.page_size == 1:
+        """Layer-independent row ids of token ``slots`` for ``gather_kv_rows`` (same shape):
+        ``page * rows_per_page + offset`` = ``slot + page * (rows_per_page - page_size)``."""
+        ps = self.page_size
+        if ps == 1:
             return slots * self._rows_per_page
-        return torch.div(slots, self.page_size, rounding_mode="floor") * self._rows_per_page + slots % self.page_size
+        if ps & (ps - 1) == 0:  # a shift is several times cheaper than an int64 division on CPU
+            return slots + (slots >> (ps.bit_length() - 1)) * (self._rows_per_page - ps)
+        return slots + torch.div(slots, ps, rounding_mode="floor") * (self._rows_per_page - ps)
 
     def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write ``k``/``v`` ``[T, num_kv_heads, head_dim]`` into token slots ``loc`` ``[T]``.
         No host synchronisation (CUDA-graph safe)."""
-        rows = self.token_rows(loc.long())
+        self.set_kv_rows(layer_id, self.token_rows(loc.long()), k, v)
+
+    def set_kv_rows(self, layer_id: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """``set_kv`` by int64 ``token_rows`` (computed once per batch instead of once per layer)."""
         self._k_rows[layer_id].index_copy_(0, rows, k.to(self.dtype))
         self._v_rows[layer_id].index_copy_(0, rows, v.to(self.dtype))
 
