@@ -89,6 +89,8 @@ class Point:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--overlap-schedule", default="auto", choices=["auto", "on", "off"],
+                   help="overlap scheduling (auto: on for CUDA); run on and off to see its effect")
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 8])
     p.add_argument("--input-len", type=int, nargs="+", default=[128, 512])
     p.add_argument("--output-len", type=int, nargs="+", default=[32])
@@ -129,6 +131,7 @@ def make_engine(model: BenchModel, args: argparse.Namespace, max_tokens: int, ma
 
     chunk = max(min(max_prompt_tokens, args.max_prefill_tokens), 1)
     kw = engine_kwargs(args, model)
+    kw["overlap_schedule"] = args.overlap_schedule
     if args.device == "cpu":
         kw["max_total_tokens"] = max_tokens + 64 * max_bs + 1024
     return sglang.Engine(
@@ -171,15 +174,18 @@ def run_ours(engine: Any, prompts: list[list[int]], output_len: int, device: str
                 f"prefill did not finish cleanly ({len(bad)} of {len(reqs)} requests not prefilled "
                 f"after {prefill_steps} steps); raise the KV pool (--mem-fraction-static)"
             )
-        steps: list[float] = []
+        # Decode is timed as a whole (no sync between steps, which would defeat overlap scheduling):
+        # each step's time is the phase's time over its forwards.
+        first_fwd = s.num_steps
+        t0 = time.perf_counter()
         while s.has_work():
-            t0 = time.perf_counter()
             s.step()
-            sync(device)
-            steps.append(time.perf_counter() - t0)
-        if len(steps) != output_len - 1 or any(len(r.output_ids) != output_len for r in reqs):
-            raise RuntimeError(f"expected {output_len - 1} decode steps of batch {len(reqs)}, ran {len(steps)}")
-        return prefill, prefill_steps, steps
+        sync(device)
+        total = time.perf_counter() - t0
+        forwards = s.num_steps - first_fwd
+        if forwards != output_len - 1 or any(len(r.output_ids) != output_len for r in reqs):
+            raise RuntimeError(f"expected {output_len - 1} decode steps of batch {len(reqs)}, ran {forwards}")
+        return prefill, prefill_steps, [total / forwards] * forwards
 
     result: tuple[float, int, list[float]] = engine._loop.call(body, timeout=None)
     return result
