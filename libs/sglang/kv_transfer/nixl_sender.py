@@ -7,9 +7,9 @@ to watch. Each ``send`` is one WRITE with the chunk notification attached, poste
 once the current CUDA stream has produced the pages, checked without blocking in ``poll``). The
 pool is page-major, so a page (all layers, K and V) is one block: a run of pages consecutive on
 both sides is ONE descriptor (UCX pays per descriptor, so fewer, larger writes run closer to the
-link's bandwidth); a chunk with no run longer than a page uses the prepared per-page lists. ``poll`` checks the handles, releases
-finished ones, reads abort notifications from decode, watches the decode agents' heartbeats and
-times out writes that make no progress for ``timeout_s``.
+link's bandwidth); a chunk with no run longer than a page uses the prepared per-page lists.
+``poll`` checks the handles, releases finished ones, reads abort notifications from decode, watches
+the decode agents' heartbeats and times out writes that make no progress for ``timeout_s``.
 """
 
 from __future__ import annotations
