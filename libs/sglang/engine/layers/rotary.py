@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sglang.engine.layers.fused import use_fused
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -96,7 +98,9 @@ class RotaryEmbedding(nn.Module):
 
     The cache is built on the default device at construction time (build the model under
     ``with torch.device(...)``); positions must be ``< max_position``. Not meta-device safe: the
-    cache is a non-persistent buffer and is not in checkpoints.
+    cache is a non-persistent buffer and is not in checkpoints. On CUDA q and k rotate in one fused
+    Triton launch (:mod:`sglang.engine.layers.fused`) with the same rounding; elsewhere in torch.
+    Either way q and k are not modified and the results are new contiguous tensors.
     """
 
     def __init__(self, rope: RopeConfig, attention_scaling: float = 1.0) -> None:
@@ -123,6 +127,10 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if use_fused(q) and q.dtype == k.dtype:
+            from sglang.engine.layers.fused import triton_ops
+
+            return triton_ops.apply_rotary(positions, q, k, self.cos_sin_cache, self.head_dim, self.rotary_dim)
         cos, sin = self.cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 

@@ -1,0 +1,179 @@
+"""Triton kernels for RMSNorm (with the fused residual add), NeoX rotary and SiluAndMul.
+
+Each replaces a chain of 4-10 small torch kernels with one launch. They follow the torch layers'
+rounding order: wherever the torch code produces an intermediate in the model dtype, the kernel
+rounds to that dtype too (``_round``), so bf16/fp16 results match torch up to the last-ulp effects
+of different reduction orders and of approximate ``exp``/``rsqrt``.
+
+Launches depend only on the input shapes and allocate their outputs with ``torch.empty``: no host
+syncs, so they are CUDA-graph capturable. Inputs need a unit stride in the last dim (rows may be
+strided, e.g. q and k as slices of a fused qkv); other inputs are made contiguous first.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_SILU_BLOCK = 1024
+
+
+@triton.jit
+def _round(x, DTYPE: tl.constexpr):
+    """float32 -> DTYPE -> float32: the rounding torch applies when it stores an intermediate."""
+    return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _rmsnorm_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr,
+    stride_x, stride_res, stride_out, stride_sum,
+    n, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    dtype = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0).to(tl.float32)
+        x = _round(x + r, dtype)  # the residual add happens in the input dtype
+        tl.store(sum_ptr + row * stride_sum + offs, x.to(sum_ptr.dtype.element_ty), mask=mask)
+    var = tl.sum(x * x, axis=0) / n
+    normed = _round(x * tl.math.rsqrt(var + eps), dtype)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    pos_ptr, q_ptr, k_ptr, cache_ptr, q_out, k_out,
+    stride_q, stride_k, stride_qo, stride_ko, stride_cache,
+    num_q_heads,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    PASS: tl.constexpr, BLOCK_PASS: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    if h < num_q_heads:
+        src = q_ptr + t * stride_q + h * HEAD_DIM
+        dst = q_out + t * stride_qo + h * HEAD_DIM
+    else:
+        src = k_ptr + t * stride_k + (h - num_q_heads) * HEAD_DIM
+        dst = k_out + t * stride_ko + (h - num_q_heads) * HEAD_DIM
+    dtype = q_ptr.dtype.element_ty
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs = tl.arange(0, BLOCK_HALF)
+    mask = offs < HALF
+    row = cache_ptr + pos * stride_cache
+    cos = _round(tl.load(row + offs, mask=mask, other=0.0).to(tl.float32), dtype)
+    sin = _round(tl.load(row + HALF + offs, mask=mask, other=0.0).to(tl.float32), dtype)
+    x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF + offs, mask=mask, other=0.0).to(tl.float32)
+    o1 = _round(x1 * cos, dtype) - _round(x2 * sin, dtype)
+    o2 = _round(x2 * cos, dtype) + _round(x1 * sin, dtype)
+    tl.store(dst + offs, o1.to(dtype), mask=mask)
+    tl.store(dst + HALF + offs, o2.to(dtype), mask=mask)
+    if PASS > 0:  # dims past rotary_dim are copied unchanged
+        offs_p = tl.arange(0, BLOCK_PASS)
+        mask_p = offs_p < PASS
+        tl.store(dst + 2 * HALF + offs_p, tl.load(src + 2 * HALF + offs_p, mask=mask_p), mask=mask_p)
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, n, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    dtype = x_ptr.dtype.element_ty
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + n + cols, mask=mask, other=0.0).to(tl.float32)
+    act = _round(gate / (1.0 + tl.exp(-gate)), dtype)
+    tl.store(out_ptr + row * stride_out + cols, (act * up).to(dtype), mask=mask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a 2-D ``[rows, last]`` view (copied only when it cannot be viewed with unit inner stride)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _norm_warps(block: int) -> int:
+    return min(max(block // 512, 1), 16)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (x / sqrt(mean(x^2) + eps)).to(x.dtype)`` over the last dim, as ``RMSNorm.forward``."""
+    n = x.shape[-1]
+    x2 = _rows(x)
+    out = torch.empty(x2.shape, dtype=torch.result_type(weight, x), device=x.device)
+    if x2.shape[0]:
+        block = triton.next_power_of_2(n)
+        _rmsnorm_kernel[(x2.shape[0],)](
+            x2, x2, weight, out, out, x2.stride(0), 0, out.stride(0), 0, n, eps,
+            HAS_RESIDUAL=False, BLOCK=block, num_warps=_norm_warps(block),
+        )
+    return out.view(x.shape)
+
+
+def fused_add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``summed = x + residual`` (in x's dtype), then ``(rmsnorm(summed), summed)``, as ``RMSNorm.add_norm``.
+
+    ``x`` and ``residual`` must have the same dtype and shape; both outputs are new tensors."""
+    n = x.shape[-1]
+    x2, r2 = _rows(x), _rows(residual)
+    out = torch.empty(x2.shape, dtype=torch.result_type(weight, x), device=x.device)
+    summed = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        block = triton.next_power_of_2(n)
+        _rmsnorm_kernel[(x2.shape[0],)](
+            x2, r2, weight, out, summed, x2.stride(0), r2.stride(0), out.stride(0), summed.stride(0), n, eps,
+            HAS_RESIDUAL=True, BLOCK=block, num_warps=_norm_warps(block),
+        )
+    return out.view(x.shape), summed.view(x.shape)
+
+
+def apply_rotary(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    head_dim: int,
+    rotary_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeoX rotate-half of q ``[T, H*D]`` and k ``[T, KVH*D]`` in one launch, as ``RotaryEmbedding``.
+
+    ``cos_sin_cache[pos]`` is ``cat(cos, sin)`` (``rotary_dim/2`` each); dims past ``rotary_dim``
+    are copied. Returns new contiguous ``[T, H*D]`` and ``[T, KVH*D]`` tensors in q's dtype; q and
+    k are not modified (they may be strided row views of a fused qkv)."""
+    t = q.shape[0]
+    q2, k2 = _rows(q.reshape(t, -1)), _rows(k.reshape(t, -1))
+    num_q, num_kv = q2.shape[1] // head_dim, k2.shape[1] // head_dim
+    q_out = torch.empty((t, num_q * head_dim), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((t, num_kv * head_dim), dtype=k.dtype, device=k.device)
+    if t:
+        half, rest = rotary_dim // 2, head_dim - rotary_dim
+        _rotary_kernel[(t, num_q + num_kv)](
+            positions, q2, k2, cos_sin_cache, q_out, k_out,
+            q2.stride(0), k2.stride(0), q_out.stride(0), k_out.stride(0), cos_sin_cache.stride(0), num_q,
+            HEAD_DIM=head_dim, HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
+            PASS=rest, BLOCK_PASS=triton.next_power_of_2(max(rest, 1)), num_warps=1,
+        )
+    return q_out, k_out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``x = [gate | up]`` (last dim ``2n``) -> ``silu(gate) * up`` (last dim ``n``), as ``SiluAndMul``."""
+    n = x.shape[-1] // 2
+    x2 = _rows(x)
+    out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    if x2.shape[0] and n:
+        block = min(_SILU_BLOCK, triton.next_power_of_2(n))
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](
+            x2, out, x2.stride(0), out.stride(0), n, BLOCK=block, num_warps=4,
+        )
+    return out.view(*x.shape[:-1], n)
