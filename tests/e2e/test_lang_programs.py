@@ -52,9 +52,7 @@ def router(mesh: tuple[WorkerProc, RouterProc]) -> Iterator[RouterProc]:
     saved = sgl.get_default_backend()
     sgl.set_default_backend(sgl.RuntimeEndpoint(mesh[1].url))
     yield mesh[1]
-    from sglang.lang import function as fn
-
-    fn._default_backend = saved
+    sgl.set_default_backend(saved)
 
 
 @pytest.fixture(scope="module")

@@ -251,13 +251,11 @@ def test_no_backend_and_unreachable_backend() -> None:
 
     saved = sgl.get_default_backend()
     try:
-        from sglang.lang import function as fn
-
-        fn._default_backend = None
+        sgl.set_default_backend(None)
         with pytest.raises(ValueError, match="no backend: pass backend="):
             p.run()
     finally:
-        fn._default_backend = saved
+        sgl.set_default_backend(saved)
     with pytest.raises(ConnectionError, match=r"cannot reach the SGLang server at http://127.0.0.1:9"):
         sgl.RuntimeEndpoint("http://127.0.0.1:9")
     with pytest.raises(TypeError, match="a backend must be"):

@@ -34,9 +34,10 @@ def as_backend(backend: Any) -> Backend:
 
 
 def set_default_backend(backend: Any) -> None:
-    """The backend programs use when ``run`` gets none (a Backend or a ``sglang.Engine``)."""
+    """The backend programs use when ``run`` gets none (a Backend or a ``sglang.Engine``);
+    ``None`` clears it."""
     global _default_backend
-    _default_backend = as_backend(backend)
+    _default_backend = None if backend is None else as_backend(backend)
 
 
 def get_default_backend() -> Backend | None:
