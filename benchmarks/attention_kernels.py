@@ -53,13 +53,13 @@ def matmul_tflops(n: int = 8192) -> float:
 
 
 def paged_kv(seqs: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """K/V buffers ``[slots, KVH, D]`` and a ``[B, max_seq]`` table of shuffled pages."""
+    """K/V as the engine's page-major pool gives them (strided views ``[pages, PAGE, KVH, D]`` of one
+    ``[pages, layers=1, 2, PAGE, KVH, D]`` buffer) and a ``[B, max_seq]`` table of shuffled pages."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     pages_per = [-(-s // PAGE) for s in seqs]
     num_pages = sum(pages_per) + 1
-    shape = (num_pages * PAGE, KV_HEADS, HEAD_DIM)
-    k = torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+    buf = torch.randn((num_pages, 1, 2, PAGE, KV_HEADS, HEAD_DIM), generator=gen, device="cuda", dtype=torch.bfloat16)
+    k, v = buf[:, 0, 0], buf[:, 0, 1]
     pages = torch.randperm(num_pages - 1, generator=gen, device="cuda") + 1  # page 0 is padding
     width = max(pages_per) * PAGE
     table = torch.zeros((len(seqs), width), dtype=torch.int64, device="cuda")
@@ -92,6 +92,9 @@ def decode_rows(batch_sizes: list[int], contexts: list[int], bw: float) -> list[
 def native_decode_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, lens: torch.Tensor) -> float:
     """The torch_native backend's padded decode on the same tensors (NaN when it runs out of memory)."""
     import torch.nn.functional as F
+
+    k = k.reshape(-1, KV_HEADS, HEAD_DIM)  # token rows (a copy, outside the timed region)
+    v = v.reshape(-1, KV_HEADS, HEAD_DIM)
 
     def run() -> torch.Tensor:
         b, n = table.shape
