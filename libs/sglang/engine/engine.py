@@ -427,6 +427,7 @@ class Engine:
                 logger.exception("closing the KV connector failed")
         del self.runner.kv_pool
         del self.runner.model
+        self.runner.graphs = None  # its captured graphs hold a private memory pool
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
