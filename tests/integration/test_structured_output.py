@@ -382,3 +382,25 @@ def test_grammar_requests_beside_overlapped_decode_steps(model_dir: Path, engine
         _no_leak(eng)
     finally:
         eng.shutdown()
+
+
+IP_REGEX = r"((25[0-5]|2[0-4]\d|[01]?\d\d?).){3}(25[0-5]|2[0-4]\d|[01]?\d\d?)"
+
+
+def test_regex_dot_never_emits_a_utf16_surrogate(tmp_path: Path) -> None:
+    """xgrammar 0.2.8's ``.`` allowed ED A0..BF xx (a surrogate, invalid UTF-8): on a byte-level
+    tokenizer the text got U+FFFD and failed ``re.fullmatch``. 200 samples at temperature 1.0."""
+    from tests.helpers.tokenizers import make_tiny_tokenizer
+
+    make_tiny_model("llama", tmp_path, vocab_size=320, seed=0, eos_token_id=1, bos_token_id=0, pad_token_id=2)
+    make_tiny_tokenizer(str(tmp_path), vocab_size=320)
+    eng = Engine(model_path=str(tmp_path), max_total_tokens=16384, **ENGINE_KW)
+    try:
+        params = {"regex": IP_REGEX, "temperature": 1.0, "max_new_tokens": 32}
+        outs = eng.generate([f"IP {i}:" for i in range(200)], params)
+        assert isinstance(outs, list) and len(outs) == 200
+        for o in outs:
+            assert "\ufffd" not in o["text"] and re.fullmatch(IP_REGEX, o["text"], re.DOTALL), (o["text"], o["output_ids"])
+        _no_leak(eng)
+    finally:
+        eng.shutdown()

@@ -263,3 +263,56 @@ def test_adaptive_fill_uses_the_pool_only_when_rows_are_slow(backend: GrammarBac
         fill(handles, pooled, rows)
         assert torch.equal(pooled, serial)
     assert fill._pooled == fill.PROBE_EVERY  # the last of these was a serial probe
+
+
+IP_REGEX = r"((25[0-5]|2[0-4]\d|[01]?\d\d?).){3}(25[0-5]|2[0-4]\d|[01]?\d\d?)"
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec", "prefix"),
+    [
+        ("regex", IP_REGEX, "1"),
+        ("regex", ".*", ""),
+        ("regex", '[^"]*', ""),
+        ("regex", r"\S+", ""),
+        ("json_schema", '{"type": "string"}', '"'),
+        ("json_schema", '{"type": "string", "maxLength": 5}', '"'),
+        ("json_schema", '{"type": "string", "pattern": "^a.b$"}', '"a'),
+        ("ebnf", 'root ::= [^"]*', ""),
+        ("ebnf", r"root ::= [\0-\U0010ffff]+", ""),
+    ],
+)
+def test_no_grammar_lets_a_utf16_surrogate_through(
+    backend: GrammarBackend, hf_tokenizer: Any, kind: str, spec: str, prefix: str
+) -> None:
+    """After the lead byte ED, only 80..9F may follow (U+D000..U+D7FF); A0..BF would encode a
+    surrogate (U+D800..U+DFFF), invalid UTF-8, which xgrammar 0.2.8 allowed for ``.``/``[^...]``."""
+    from sglang.engine.constrained.xgrammar_backend import XGrammarBackend
+
+    assert isinstance(backend, XGrammarBackend)
+    vocab = backend.info.decoded_vocab
+    lead = next(t for t, b in enumerate(vocab) if b == b"\xed")
+    surrogate_tail = {t for t, b in enumerate(vocab) if b and 0xA0 <= b[0] <= 0xBF}
+    valid_tail = {t for t, b in enumerate(vocab) if b and 0x80 <= b[0] <= 0x9F}
+    assert len(surrogate_tail) >= 32 and len(valid_tail) >= 32
+    m = backend.compile(kind, spec).new_matcher()
+    for tok in hf_tokenizer.encode(prefix, add_special_tokens=False):
+        assert m.accept_token(tok)
+    assert m.accept_token(lead)
+    bm = backend.allocate_bitmask(1)
+    m.fill_bitmask(bm, 0)
+    allowed = _allowed(bm)
+    assert not allowed & surrogate_tail
+    assert valid_tail <= allowed  # U+D000..U+D7FF stay allowed
+
+
+def test_exclude_surrogates_rewrites_only_character_classes() -> None:
+    from sglang.engine.constrained.surrogates import exclude_surrogates
+
+    assert exclude_surrogates(r'root ::= (("[^a]" [^\"\]] [\0-\U0010ffff]))') == (
+        r'root ::= (("[^a]" [^\"\]\ud800-\udfff] [\u0000-\ud7ff\ue000-\U0010ffff]))'
+    )
+    assert exclude_surrogates(r"r ::= [a-z\-\\] [\ud000-\ud900x] [\ude00-\ue000]") == (
+        r"r ::= [a-z\-\\] [\ud000-\ud7ffx] [\ue000-\ue000]"
+    )
+    assert exclude_surrogates(r'r ::= "a\"[" [^]') == r'r ::= "a\"[" [^\ud800-\udfff]'

@@ -9,11 +9,18 @@ its C++ loop on CPU, its Triton kernel on CUDA (the torch fallback when Triton i
 A workaround: xgrammar 0.2.8 lets a JSON string with ``minLength``/``maxLength`` contain raw
 control characters (a tab, U+0001), which JSON forbids. JSON grammars here are compact, so no
 valid output ever holds a byte below 0x20: their mask rows also drop every token that has one.
+
+Another: xgrammar 0.2.8's character classes (a regex ``.``, ``[^"]``, ``\\S``, JSON strings, EBNF
+``[^...]``) include the UTF-16 surrogates U+D800..U+DFFF, whose UTF-8 form (``ED A0..BF xx``) is
+invalid: the text decodes to U+FFFD and no longer matches. Every grammar is therefore converted to
+xgrammar's EBNF first and its character classes rewritten to exclude surrogates
+(``surrogates.exclude_surrogates``) before it is compiled.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import time
@@ -23,6 +30,9 @@ import torch
 import xgrammar as xgr
 
 from sglang.engine.constrained.base import CompiledGrammar, GrammarBackend, GrammarMatcher, invalid_grammar
+from sglang.engine.constrained.surrogates import exclude_surrogates
+
+logger = logging.getLogger(__name__)
 
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: " and sometimes a failed check.
 _LOG_PREFIX = re.compile(r"^\s*\[[0-9:]+\]\s+\S+:\d+:\s*")
@@ -73,6 +83,19 @@ def control_free_bitmask(info: xgr.TokenizerInfo, vocab_size: int) -> torch.Tens
     weights = torch.tensor([1 << i for i in range(32)], dtype=torch.int64)
     words = (bits.view(-1, 32).to(torch.int64) * weights).sum(dim=1)
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def utf8_only(grammar: xgr.Grammar) -> xgr.Grammar:
+    """``grammar`` with no character class matching a UTF-16 surrogate (invalid as UTF-8)."""
+    text = str(grammar)
+    patched = exclude_surrogates(text)
+    if patched == text:
+        return grammar
+    try:
+        return xgr.Grammar.from_ebnf(patched)
+    except Exception as e:  # noqa: BLE001 - never fail a valid grammar because of the rewrite
+        logger.warning("could not exclude surrogates from a grammar (%s); compiling it unchanged", compiler_message(e))
+        return grammar
 
 
 class XGrammarMatcher(GrammarMatcher):
@@ -163,14 +186,15 @@ class XGrammarBackend(GrammarBackend):
     def compile(self, kind: str, spec: str) -> CompiledGrammar:
         try:
             if kind == "regex":
-                compiled = self.compiler.compile_regex(spec)
+                grammar = xgr.Grammar.from_regex(spec)
             elif kind == "json_schema":
-                compiled = self.compiler.compile_json_schema(self._schema(spec), any_whitespace=self.any_whitespace)
+                grammar = xgr.Grammar.from_json_schema(self._schema(spec), any_whitespace=self.any_whitespace)
                 self.json_allowed()
             elif kind == "ebnf":
-                compiled = self.compiler.compile_grammar(spec)
+                grammar = xgr.Grammar.from_ebnf(spec)
             else:
                 raise ValueError(f"unknown grammar kind {kind!r}; choose regex, json_schema or ebnf")
+            compiled = self.compiler.compile_grammar(utf8_only(grammar))
         except ValueError as e:
             if str(e).startswith(f"{kind}: "):
                 raise
