@@ -15,6 +15,17 @@ Test hook: the prefill worker runs with ``SGLANG_TEST_PD_CHUNK_DELAY_S=0.5`` and
 ``SGLANG_TEST_PD_CHUNK_DELAY_MIN_PROMPT=400``: after each KV chunk (``--chunked-prefill-size 64``)
 of a prompt of at least 400 tokens it sleeps 0.5 s, so a 640-token prompt stays mid-transfer for
 about 4 s. Shorter prompts are not delayed.
+
+Exact greedy equality is only valid where greedy decoding has a clear winner. PD and unified batch
+different requests together, and the torch_native decode pads the batch to its longest context, so
+the float32 reduction order (and the logits, by up to ~5e-6 in logprob on this model) depends on
+which requests share a step. With the old model seed, conversation 12 had a top-2 logprob gap of
+1.9e-6 at its 11th output token and flipped between two continuations (token 254 vs 71) from run to
+run, in the unified reference as well as through PD. The tiny model's seed (``MODEL_SEED``) is chosen
+so that every conversation's greedy path (20 tokens, more than any budget here) has a top-2 gap of
+at least ``MIN_TOP2_GAP``; ``greedy_margins`` measures it with an in-process engine and the
+comparison tests assert it, so a change of model, prompts or budgets that brings back a near-tie
+fails loudly instead of flaking.
 """
 
 from __future__ import annotations
@@ -50,6 +61,10 @@ COMMON = ["--max-total-tokens", "16384", "--chunked-prefill-size", "64", "--hear
           "--heartbeat-ttl-s", "2.0"]
 ROUTER_ARGS = ["--discovery-interval-s", "0.2", "--pd-abort-timeout-s", "1.0"]
 
+MODEL_SEED = 1  # seed 0 has a near-tie (gap 1.9e-6) on conversation 12; see the module docstring
+MIN_TOP2_GAP = 1e-4  # 20x the batch-composition noise measured on the logprobs (<= 5e-6)
+GAP_TOKENS = 20  # > every max_tokens used with conversations() below
+
 BASE = "Arr, the sea is wide and the rum is gone; hoist the sails and sing. "
 QUESTIONS = ["How are you?", "Name a color.", "Count to three.", "Where is the ship?"]
 
@@ -65,7 +80,29 @@ def conversations() -> list[list[dict[str, str]]]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_worker_model(tmp_path_factory.mktemp("tiny-pd"))
+    return make_tiny_worker_model(tmp_path_factory.mktemp("tiny-pd"), seed=MODEL_SEED)
+
+
+@pytest.fixture(scope="module")
+def greedy_margins(model_dir: Path) -> list[float]:
+    """Per conversation, the smallest top-2 logprob gap along its greedy path (in-process engine,
+    same page size and chunking as the workers)."""
+    import sglang
+
+    eng = sglang.Engine(model_path=str(model_dir), max_total_tokens=16384, chunked_prefill_size=64)
+    try:
+        assert eng.tokenizer is not None
+        ids = [eng.tokenizer.encode_chat(c) for c in conversations()]
+        outs = eng.generate(input_ids=ids, sampling_params={"max_new_tokens": GAP_TOKENS, "temperature": 0},
+                            return_logprob=True, top_logprobs_num=2)
+    finally:
+        eng.shutdown()
+    return [min(top[0][0] - top[1][0] for top in o["meta_info"]["output_top_logprobs"]) for o in outs]
+
+
+def assert_no_near_ties(margins: list[float], convs: range) -> None:
+    close = {i: margins[i] for i in convs if margins[i] < MIN_TOP2_GAP}
+    assert not close, f"greedy near-ties (conversation: top-2 gap) make exact equality flaky: {close}"
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +197,8 @@ def worker_metrics(worker: WorkerProc) -> str:
     return str(body)
 
 
-def test_pd_greedy_output_equals_unified(mesh: Mesh) -> None:
+def test_pd_greedy_output_equals_unified(mesh: Mesh, greedy_margins: list[float]) -> None:
+    assert_no_near_ties(greedy_margins, range(32))
     ref = all_chats(mesh.r["unified"])
     assert len({t for t, _, _ in ref}) > 8  # the prompts really differ
     cold = all_chats(mesh.r["pd"])
@@ -259,7 +297,8 @@ def test_incompatible_decode_is_refused_naming_the_field(mesh: Mesh) -> None:
 READY = re.compile(r"sglang up: ready at (http://\S+)")
 
 
-def test_sglang_up_prefill_decode(mesh: Mesh, model_dir: Path) -> None:
+def test_sglang_up_prefill_decode(mesh: Mesh, model_dir: Path, greedy_margins: list[float]) -> None:
+    assert_no_near_ties(greedy_margins, range(4))
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "sglang.cli", "up", "--prefill", "1", "--decode", "1", "--model-path", str(model_dir),
