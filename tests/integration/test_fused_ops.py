@@ -15,17 +15,17 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 import sys
-import tempfile
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import IO, Any
+from typing import Any
 
 import pytest
 import torch
+
+from tests.helpers.triton_worker import InterpreterWorker
 
 pytestmark = pytest.mark.integration
 
@@ -136,41 +136,10 @@ def _serve() -> None:
 # ---------------------------------------------------------------- pytest side
 
 
-class _Interpreter:
-    """A worker subprocess with ``TRITON_INTERPRET=1`` that runs cases on CPU tensors."""
-
-    def __init__(self) -> None:
-        self._err: IO[str] = tempfile.TemporaryFile("w+")  # noqa: SIM115 - lives as long as the worker
-        env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__], cwd=ROOT, env=env, text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
-        )
-
-    def call(self, fn: str, **kwargs: Any) -> float:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"fn": fn, "kwargs": {"device": "cpu", **kwargs}}) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            self._err.seek(0)
-            raise RuntimeError(f"interpreter worker died:\n{self._err.read()[-4000:]}")
-        ans = json.loads(line)
-        if "error" in ans:
-            raise AssertionError(ans["error"])
-        return float(ans["ok"])
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-        self._err.close()
-
-
 @pytest.fixture(scope="module")
-def interpreter() -> Iterator[_Interpreter]:
+def interpreter() -> Iterator[InterpreterWorker]:
     pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
-    worker = _Interpreter()
+    worker = InterpreterWorker(__file__)
     yield worker
     worker.close()
 
@@ -183,7 +152,7 @@ def run(request: pytest.FixtureRequest) -> Run:
     """``run(fn_name, **kwargs)`` on the test's device (``device`` parameter)."""
     device = request.node.callspec.params["device"]
     if device == "interpret":
-        worker: _Interpreter = request.getfixturevalue("interpreter")
+        worker: InterpreterWorker = request.getfixturevalue("interpreter")
         return worker.call
     pytest.importorskip("triton")
     return lambda fn, **kw: CASES[fn](device="cuda", **kw)
