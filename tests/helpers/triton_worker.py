@@ -12,8 +12,13 @@ import os
 import subprocess
 import sys
 import tempfile
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,3 +52,42 @@ class InterpreterWorker:
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
         self._err.close()
+
+
+def serve(cases: dict[str, Callable[..., float]], setup: Callable[[], None] | None = None) -> None:
+    """The worker side (a test module's ``__main__``): answer one JSON line per request line."""
+    sys.path.insert(0, str(ROOT))
+    if setup is not None:
+        setup()
+    for line in sys.stdin:
+        req = json.loads(line)
+        try:
+            ans: dict[str, Any] = {"ok": cases[req["fn"]](**req["kwargs"])}
+        except Exception:
+            ans = {"error": traceback.format_exc()}
+        print(json.dumps(ans), flush=True)
+
+
+def interpreter_fixture(script: str) -> Any:
+    """A module-scoped ``interpreter`` fixture: one ``InterpreterWorker`` running ``script``."""
+
+    @pytest.fixture(scope="module")
+    def interpreter() -> Iterator[InterpreterWorker]:
+        pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+        worker = InterpreterWorker(script)
+        yield worker
+        worker.close()
+
+    return interpreter
+
+
+def device_runner(request: pytest.FixtureRequest, cases: dict[str, Callable[..., float]]) -> Callable[..., float]:
+    """``run(fn, **kwargs)`` on the test's ``device`` parameter: ``interpret`` through the module's
+    ``interpreter`` fixture, ``cuda`` in-process (skipped without triton or a GPU)."""
+    if request.node.callspec.params["device"] == "interpret":
+        worker: InterpreterWorker = request.getfixturevalue("interpreter")
+        return worker.call
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return lambda fn, **kw: cases[fn](device="cuda", **kw)

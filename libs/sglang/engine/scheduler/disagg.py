@@ -4,7 +4,9 @@ Prefill side: a request carrying a ``bootstrap_room`` is prefilled as usual (chu
 prefix cache). After every chunk, its completed pages are written to the decode worker's pages
 for that room (once the decode side has published them); when the first token is sampled the
 request leaves the running batch, the remaining pages go out with the first token as the last
-chunk, and the request finishes once every write completed. Its pages stay pinned (never
+chunk, and the request finishes once every write completed. With ``return_logprob``, the last
+chunk's ``aux`` also carries the first token's top logprobs and the prompt logprobs (compact,
+bounded: engine/scheduler/pd_aux.py), so a PD request reports what a unified engine reports. Its pages stay pinned (never
 retracted, never swapped for cached duplicates) until then.
 
 Decode side: a request waits in the *prealloc* queue until pages for its whole prompt can be
@@ -31,6 +33,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from sglang.engine.memory import OutOfPagesError
+from sglang.engine.scheduler.pd_aux import apply_aux, build_aux
 from sglang.engine.scheduler.request import FinishReason, Request
 
 if TYPE_CHECKING:
@@ -128,11 +131,7 @@ class PrefillSide(_Counters):
         total = -(-len(req.prompt_ids) // self.page_size)
         if len(dest.pages) != total:
             raise ValueError(f"room {room}: decode reserved {len(dest.pages)} pages, prefill has {total}")
-        aux = {
-            "first_token": req.output_ids[0],
-            "logprob": req.output_token_logprobs[0][0] if req.output_token_logprobs else None,
-            "cached_tokens": req.cached_tokens,
-        }
+        aux = build_aux(req)  # raises past MAX_AUX_BYTES (huge prompt logprobs): the room fails
         self._send(req, dest.pages, req.pd_sent_pages, total, last=True, aux=aux)
         del self.awaiting_dest[room]
         self.sending[room] = req
@@ -289,10 +288,16 @@ class DecodeSide(_Counters):
             self.transfers_ok += 1
             self.transfer_bytes += len(got.pages) * self.page_bytes
             self.transfer_seconds += time.monotonic() - started if started is not None else 0.0
+            try:
+                top = apply_aux(got, res.aux)
+            except (ValueError, KeyError, TypeError) as e:
+                logger.warning("decode %s (room %d): %s", got.rid, res.room, e)
+                sched.finish_external(got, FinishReason("abort", message=f"KV transfer failed: {e}"))
+                continue
             got.num_computed = len(got.prompt_ids)
             got.cached_tokens = int(res.aux.get("cached_tokens") or 0)
             got.admitted_once = True  # a later retraction recomputes here but keeps cached_tokens
-            sched.admit_prefilled(got, int(res.aux["first_token"]), res.aux.get("logprob"))
+            sched.admit_prefilled(got, int(res.aux["first_token"]), res.aux.get("logprob"), top)
         return updated
 
     def abort(self, sched: Scheduler, req: Request) -> bool:

@@ -398,11 +398,16 @@ class Scheduler:
                 updated.append(req)
         return updated
 
-    def admit_prefilled(self, req: Request, first_token: int, logprob: float | None) -> None:
-        """Decode side: the prompt's KV arrived; append the prefill's first token and run."""
+    def admit_prefilled(
+        self, req: Request, first_token: int, logprob: float | None, top: list[tuple[float, int]] | None = None
+    ) -> None:
+        """Decode side: the prompt's KV arrived; append the prefill's first token (its logprob and
+        top logprobs as the prefill sampled them) and run. The prompt logprobs, if any, are already
+        on ``req``: a later retraction recomputes the prompt without recording them again."""
         req.status = Status.RUNNING
+        req.prompt_logprobs_done = max(req.prompt_logprobs_done, len(req.prompt_ids))
         self.running.append(req)
-        reason = self.grammar.append(req, first_token, logprob if logprob is not None else 0.0, None)
+        reason = self.grammar.append(req, first_token, logprob if logprob is not None else 0.0, top)
         if reason is not None:
             self._finish(req, reason)
 

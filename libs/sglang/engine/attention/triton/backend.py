@@ -11,6 +11,7 @@ from sglang.engine.attention.base import AttentionBackend, AttentionLayerSpec
 from sglang.engine.attention.triton.common import interpreting
 from sglang.engine.attention.triton.decode import decode_attention, decode_scratch
 from sglang.engine.attention.triton.extend import extend_attention, extend_tiles
+from sglang.engine.attention.triton.store import store_kv
 
 if TYPE_CHECKING:
     from sglang.engine.runner.forward_batch import ForwardBatch
@@ -30,7 +31,8 @@ class TritonBackend(AttentionBackend):
     Extend runs a causal tiled kernel over prefix + new tokens. Both gather K/V by slot through
     ``req_to_token``, so any page size works, and both honour ``layer.sliding_window``. Slot ``s``
     is read at page ``s // page_size``, offset ``s % page_size`` of the page-major pool's per-layer
-    views (``KVPool.get_kv``; page size a kernel constant).
+    views (``KVPool.get_kv``; page size a kernel constant). New tokens' K/V are stored by one
+    Triton launch per layer (``store.store_kv``, the same result as ``KVPool.set_kv``).
 
     CUDA-graph contract (DECODE mode only):
 
@@ -85,8 +87,9 @@ class TritonBackend(AttentionBackend):
         t = q.shape[0]
         if q.device.type != "cuda" and not interpreting():
             raise RuntimeError("the triton attention backend needs CUDA tensors; use 'torch_native' on CPU")
-        batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k.view(t, kvh, d), v.view(t, kvh, d))
         k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
+        # One launch for both K and V (KVPool.set_kv is ~5 small torch kernels per layer).
+        store_kv(k_buf, v_buf, batch.out_cache_loc, k, v)
         q3 = q.view(t, h, d)
         table = batch.req_to_token.table
         if batch.is_decode:
