@@ -1,6 +1,7 @@
 """Logprobs through prefill/decode disaggregation: a prefill ``Engine`` and a decode ``Engine``
 over real NIXL (UCX on DRAM, ``UCX_NET_DEVICES=lo``) and a real redis-server, against a unified
-``Engine`` with the same settings (chunked prefill of 32 tokens, page_size 1 and 16).
+``Engine`` with the same settings (test_pd_engine.py's: chunked prefill of 32 tokens, page_size
+1 and 16).
 
 - ``return_logprob=True, logprob_start_len=0|5, top_logprobs_num=3``: the decode half reports the
   same ``output_ids``, ``output_token_logprobs``, ``output_top_logprobs`` (the first token's top
@@ -14,7 +15,6 @@ over real NIXL (UCX on DRAM, ``UCX_NET_DEVICES=lo``) and a real redis-server, ag
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -22,19 +22,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sglang.engine.engine import Engine
 from sglang.engine.scheduler import pd_aux
 
-from tests.helpers.redis_server import start_redis
-from tests.helpers.tiny_models import make_tiny_model
+# The same engines, fixtures (UCX loopback, redis-server, tiny llama) and leak check as there.
+from tests.integration.test_pd_engine import (  # noqa: F401 - fixtures
+    VOCAB,
+    Trio,
+    _pages_back,
+    _ucx_loopback,
+    model_dir,
+    redis_url,
+)
 
 pytestmark = pytest.mark.integration
 
-VOCAB = 256
-CHUNK = 32
-COMMON = {"skip_tokenizer_init": True, "device": "cpu", "dtype": "float32", "max_total_tokens": 2048,
-          "chunked_prefill_size": CHUNK, "max_running_requests": 16}
-TIMEOUT_S = 10.0
 TOL = 1e-5
 
 
@@ -49,50 +50,8 @@ PROMPTS = [_tokens(n, seed=50 + n) for n in (1, 16, 17, 33, 100)]
 PARAMS = {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _ucx_loopback() -> Iterator[None]:
-    old = os.environ.get("UCX_NET_DEVICES")
-    os.environ["UCX_NET_DEVICES"] = "lo"
-    yield
-    if old is None:
-        os.environ.pop("UCX_NET_DEVICES", None)
-    else:
-        os.environ["UCX_NET_DEVICES"] = old
-
-
 @pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    url, stop = start_redis()
-    yield url
-    stop()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model("llama", tmp_path_factory.mktemp("pd-lp-llama"), vocab_size=VOCAB, seed=3)
-
-
-class Trio:
-    def __init__(self, model_dir: Path, redis_url: str, page_size: int) -> None:
-        kw: dict[str, Any] = {**COMMON, "page_size": page_size}
-        pd: dict[str, Any] = {"kv_transfer_redis_url": redis_url, "kv_transfer_timeout_s": TIMEOUT_S}
-        self.unified = Engine(model_path=str(model_dir), **kw)
-        self.prefill = Engine(model_path=str(model_dir), **kw, **pd, disaggregation_mode="prefill",
-                              kv_transfer_agent_name=f"lp-prefill-p{page_size}-{os.getpid()}")
-        self.decode = Engine(model_path=str(model_dir), **kw, **pd, disaggregation_mode="decode",
-                             kv_transfer_agent_name=f"lp-decode-p{page_size}-{os.getpid()}")
-
-    @property
-    def engines(self) -> tuple[Engine, Engine, Engine]:
-        return self.unified, self.prefill, self.decode
-
-    def shutdown(self) -> None:
-        for e in self.engines:
-            e.shutdown()
-
-
-@pytest.fixture(scope="module")
-def trios(model_dir: Path, redis_url: str, _ucx_loopback: None) -> Iterator[dict[int, Trio]]:
+def trios(model_dir: Path, redis_url: str, _ucx_loopback: None) -> Iterator[dict[int, Trio]]:  # noqa: F811
     made = {ps: Trio(model_dir, redis_url, ps) for ps in (1, 16)}
     yield made
     for t in made.values():
@@ -103,20 +62,9 @@ def trios(model_dir: Path, redis_url: str, _ucx_loopback: None) -> Iterator[dict
 def _no_leaks(trios: dict[int, Trio]) -> Iterator[None]:
     yield
     for t in trios.values():
-        for e in t.engines:
+        for e in (t.unified, t.prefill, t.decode):
             assert _pages_back(e, within_s=5.0), e.get_stats()
             e.check_integrity()
-
-
-def _pages_back(engine: Engine, within_s: float) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        st = engine.get_stats()
-        queues = st["num_prefill_inflight_queue_reqs"] + st["num_decode_prealloc_queue_reqs"]
-        if st["num_used_pages"] == 0 and queues + st["num_decode_transfer_queue_reqs"] == 0:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 async def _pd(
