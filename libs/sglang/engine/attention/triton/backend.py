@@ -31,8 +31,10 @@ class TritonBackend(AttentionBackend):
     Extend runs a causal tiled kernel over prefix + new tokens. Both gather K/V by slot through
     ``req_to_token``, so any page size works, and both honour ``layer.sliding_window``. Slot ``s``
     is read at page ``s // page_size``, offset ``s % page_size`` of the page-major pool's per-layer
-    views (``KVPool.get_kv``; page size a kernel constant). New tokens' K/V are stored by one
-    Triton launch per layer (``store.store_kv``, the same result as ``KVPool.set_kv``).
+    views (``KVPool.get_kv``; page size a kernel constant). New tokens' K/V are stored by
+    ``KVPool.set_kv``, or with ``fused_kv_store`` by one Triton launch per layer (``store.store_kv``,
+    the same bytes). ``fused_kv_store`` defaults to on only in Triton's CPU interpreter until its GPU
+    tests (tests/integration/test_kv_store_triton.py, marked gpu) have run on a GPU.
 
     CUDA-graph contract (DECODE mode only):
 
@@ -54,10 +56,11 @@ class TritonBackend(AttentionBackend):
 
     name = "triton"
 
-    def __init__(self, num_kv_splits: int = 16, **_: object) -> None:
+    def __init__(self, num_kv_splits: int = 16, fused_kv_store: bool | None = None, **_: object) -> None:
         if num_kv_splits < 1 or num_kv_splits & (num_kv_splits - 1):
             raise ValueError(f"num_kv_splits must be a power of two, got {num_kv_splits}")
         self.num_kv_splits = num_kv_splits
+        self.fused_kv_store = interpreting() if fused_kv_store is None else fused_kv_store
         # (num_heads, head_dim) -> (mid_o [cap, H, S, D], mid_lse [cap, H, S]) float32
         self._scratch: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._max_bs = 0
@@ -88,8 +91,10 @@ class TritonBackend(AttentionBackend):
         if q.device.type != "cuda" and not interpreting():
             raise RuntimeError("the triton attention backend needs CUDA tensors; use 'torch_native' on CPU")
         k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
-        # One launch for both K and V (KVPool.set_kv is ~5 small torch kernels per layer).
-        store_kv(k_buf, v_buf, batch.out_cache_loc, k, v)
+        if self.fused_kv_store:  # one launch for both K and V (set_kv is ~5 small torch kernels)
+            store_kv(k_buf, v_buf, batch.out_cache_loc, k, v)
+        else:
+            batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k.view(t, kvh, d), v.view(t, kvh, d))
         q3 = q.view(t, h, d)
         table = batch.req_to_token.table
         if batch.is_decode:
