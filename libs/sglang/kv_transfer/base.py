@@ -147,13 +147,16 @@ class RoomResult:
     """Decode side: a room's KV fully arrived (``ok``) or the room failed (``error`` says why).
 
     ``aux`` is the dict the prefill side sent with the last chunk (first token, logprob, ...);
-    ``None`` when the room failed.
+    ``None`` when the room failed. ``quarantined`` (failed rooms only): a prefill agent claimed
+    the room and may still have a write in flight into its pages, so the caller must keep them
+    out of the free list until ``KVReceiver.released`` names the room.
     """
 
     room: int
     ok: bool
     aux: dict[str, Any] | None = None
     error: str | None = None
+    quarantined: bool = False
 
 
 @dataclass
@@ -262,13 +265,21 @@ class KVReceiver(ABC):
     def poll(self) -> list[RoomResult]:
         """Rooms whose last chunk and every earlier chunk arrived (``ok``, with ``aux``), or that
         failed: no progress for ``timeout_s`` (error ``"timed out after Xs waiting for KV"``),
-        the prefill side gone or aborted. Each room is reported once and then forgotten; the
-        caller frees the pages of a failed room."""
+        the prefill side gone or aborted. Each room is reported once; the caller frees the pages
+        of a failed room at once, or, when the result is ``quarantined``, once ``released``
+        names it."""
 
     @abstractmethod
-    def cancel(self, room: int) -> None:
-        """Stop waiting for ``room`` (its pages will be freed by the caller); its destination is
-        withdrawn and the prefill side is told to stop. Late notifications are ignored."""
+    def cancel(self, room: int) -> bool:
+        """Stop waiting for ``room``; its destination is withdrawn and the prefill side is told to
+        stop. True: the caller may free the pages now (no prefill agent claimed the room).
+        False: they are quarantined until ``released`` names the room."""
+
+    def released(self) -> list[int]:
+        """Quarantined rooms (failed or cancelled after a prefill agent claimed them) whose pages
+        may now be freed: the prefill side acknowledged, its agent is gone, or the quarantine
+        timed out. Each room is named once."""
+        return []
 
     @abstractmethod
     def close(self) -> None:

@@ -10,6 +10,11 @@ both sides is ONE descriptor (UCX pays per descriptor, so fewer, larger writes r
 link's bandwidth); a chunk with no run longer than a page uses the prepared per-page lists.
 ``poll`` checks the handles, releases finished ones, reads abort notifications from decode, watches
 the decode agents' heartbeats and times out writes that make no progress for ``timeout_s``.
+
+A room that closes without success (failed, cancelled here, or aborted by decode, even after it
+was reported) is answered with a ``released`` notification once no transfer handle of it is left
+(handles NIXL cannot release yet are retried in every ``poll``): only then may the decode side
+reuse the room's pages.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from sglang.kv_transfer.base import (
 )
 from sglang.kv_transfer.metadata import read_agent, room_key
 from sglang.kv_transfer.nixl_agent import AgentOptions, NixlKVAgent, PeerUnavailable
-from sglang.kv_transfer.notifications import ABORT, CHUNK, CLAIM, Notification, decode
+from sglang.kv_transfer.notifications import ABORT, CHUNK, CLAIM, RELEASED, Notification, decode
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +70,7 @@ class _Room:
     chunks: set[int] = field(default_factory=set)
     last_sent: bool = False
     error: str | None = None
+    peer_gone: bool = False  # no "released" owed to a dead decode agent
     bytes: int = 0
     descriptors: int = 0
     first_send: float = 0.0
@@ -86,7 +92,8 @@ class NixlKVSender(KVSender):
         self.device = self.kv.tensors[0].device
         self._rooms: dict[int, _Room] = {}
         self._closed_rooms: OrderedDict[int, None] = OrderedDict()
-        self._zombies: list[nixl_xfer_handle] = []  # handles NIXL could not release yet
+        self._zombies: list[tuple[nixl_xfer_handle, int]] = []  # (handle, room) NIXL could not release yet
+        self._to_release: dict[int, tuple[str, str]] = {}  # room -> (decode agent, why): "released" owed
         self._stats: list[TransferStats] = []
         self._warned_missing: set[str] = set()
         self.kv.local_dlist()
@@ -212,7 +219,7 @@ class NixlKVSender(KVSender):
             return
         if state == "ERR":
             r.error = f"NIXL write of chunk {chunk} to decode agent {r.peer} failed at post"
-            self._drop(h)
+            self._drop(h, room)
             return
         r.descriptors += descriptors
         r.xfers.append((h, chunk))
@@ -233,11 +240,11 @@ class NixlKVSender(KVSender):
                 except Exception as e:  # e.g. nixlRemoteDisconnectError when the decode process died
                     state, why = "ERR", f"{type(e).__name__}: {e}"
                 if state == "DONE":
-                    self._drop(h)
+                    self._drop(h, room)
                     r.progress = now
                 elif state == "ERR":
                     r.error = r.error or f"NIXL write of chunk {chunk} to decode agent {r.peer} failed ({why})"
-                    self._drop(h)
+                    self._drop(h, room)
                 else:
                     still.append((h, chunk))
             r.xfers = still
@@ -248,6 +255,7 @@ class NixlKVSender(KVSender):
             for r in self._rooms.values():
                 if r.peer == gone and r.error is None:
                     r.error = f"decode agent {gone} is gone (its heartbeat in Redis lapsed)"
+                    r.peer_gone = True
             self.kv.forget_peer(gone)
         out: list[tuple[int, bool, str | None]] = []
         for room, r in list(self._rooms.items()):
@@ -257,7 +265,8 @@ class NixlKVSender(KVSender):
             elif r.last_sent and not r.xfers and not r.pending:
                 out.append((room, True, None))
                 self._finish(room, r, ok=True, now=now)
-        self._zombies = [h for h in self._zombies if not self._release(h)]
+        self._zombies = [(h, room) for h, room in self._zombies if not self._release(h)]
+        self._send_released()
         self.kv.poll_transport()
         return out
 
@@ -268,14 +277,18 @@ class NixlKVSender(KVSender):
                 if n is None or n.kind != ABORT:
                     continue
                 r = self._rooms.get(n.room)
-                if r is not None and r.peer == agent and r.error is None:
+                if r is None:  # already closed here (or never ours): nothing left to write
+                    self._to_release[n.room] = (agent, f"room closed on the prefill side: {n.error}")
+                elif r.peer == agent and r.error is None:
                     r.error = f"decode side gave up the room: {n.error}"
 
     def _finish(self, room: int, r: _Room, ok: bool, now: float) -> None:
         del self._rooms[room]
         for h, _ in r.xfers:
-            self._drop(h)
+            self._drop(h, room)
         self._remember_closed(room)
+        if not ok and not r.peer_gone:
+            self._to_release[room] = (r.peer, r.error or "failed on the prefill side")
         if r.chunks:
             self._stats.append(
                 TransferStats(room, ok, r.bytes, now - r.first_send, len(r.chunks), r.peer, r.descriptors)
@@ -289,9 +302,19 @@ class NixlKVSender(KVSender):
             logger.debug("kv_transfer: releasing a transfer handle failed (retrying later): %s", e)
             return False
 
-    def _drop(self, h: nixl_xfer_handle) -> None:
+    def _drop(self, h: nixl_xfer_handle, room: int) -> None:
         if not self._release(h):
-            self._zombies.append(h)
+            self._zombies.append((h, room))
+
+    def _send_released(self) -> None:
+        """Tell decode agents which closed rooms hold no transfer handle any more."""
+        if not self._to_release:
+            return
+        busy = {room for _, room in self._zombies}
+        for room, (peer, why) in list(self._to_release.items()):
+            if room not in busy:
+                del self._to_release[room]
+                self.kv.send_notif(peer, Notification(RELEASED, room, error=why).encode())
 
     def _remember_closed(self, room: int) -> None:
         self._closed_rooms[room] = None
@@ -306,7 +329,9 @@ class NixlKVSender(KVSender):
         if r.error is None:
             self.kv.send_notif(r.peer, Notification(ABORT, room, error="cancelled by the prefill side").encode())
         for h, _ in r.xfers:
-            self._drop(h)
+            self._drop(h, room)
+        self._to_release[room] = (r.peer, r.error or "cancelled by the prefill side")
+        self._send_released()
 
     def pop_stats(self) -> list[TransferStats]:
         out, self._stats = self._stats, []
@@ -321,8 +346,8 @@ class NixlKVSender(KVSender):
         self._closed = True
         for room in list(self._rooms):
             self.cancel(room)
-        for h in self._zombies:
-            self._release(h)
+        self._zombies = [(h, room) for h, room in self._zombies if not self._release(h)]
+        self._send_released()
         self._zombies = []
         try:
             self.kv.close()

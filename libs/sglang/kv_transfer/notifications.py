@@ -5,6 +5,10 @@ prefill -> decode
   ``{"v":2,"t":"chunk","room":R,"chunk":C,"last":false}``  chunk C's pages have landed
   ``{"v":2,"t":"chunk","room":R,"chunk":C,"last":true,"n":N,"aux":{...}}``  the last one; N chunks in all
   ``{"v":2,"t":"abort","room":R,"error":"..."}``          the prefill side gave the room up
+  ``{"v":2,"t":"released","room":R,"error":"..."}``       the prefill side closed room R without
+      finishing it and holds no write into its pages any more (every transfer handle released):
+      the answer to a decode ``abort``, and sent after its own ``abort``/failure too. Until it
+      arrives (or the prefill agent's heartbeat lapses) the decode side keeps the pages quarantined
 decode -> prefill
   ``{"v":2,"t":"abort","room":R,"error":"..."}``          the decode side gave the room up
 
@@ -28,6 +32,7 @@ logger = logging.getLogger(__name__)
 CLAIM = "claim"
 CHUNK = "chunk"
 ABORT = "abort"
+RELEASED = "released"
 
 
 @dataclass
@@ -48,7 +53,7 @@ class Notification:
             if self.last:
                 d["n"] = self.num_chunks
                 d["aux"] = self.aux
-        elif self.kind == ABORT:
+        elif self.kind in (ABORT, RELEASED):
             d["error"] = self.error
         return json.dumps(d, separators=(",", ":")).encode()
 
@@ -74,8 +79,8 @@ def decode(raw: bytes, sender: str) -> Notification | None:
             )
         if kind == CLAIM:
             return Notification(CLAIM, room)
-        if kind == ABORT:
-            return Notification(ABORT, room, error=str(d.get("error", "")))
+        if kind in (ABORT, RELEASED):
+            return Notification(kind, room, error=str(d.get("error", "")))
     except (ValueError, KeyError, TypeError) as e:
         logger.warning("kv_transfer: malformed notification from %s (%s): %.200r", sender, e, raw)
         return None

@@ -12,8 +12,13 @@ retracted, never swapped for cached duplicates) until then.
 Decode side: a request waits in the *prealloc* queue until pages for its whole prompt can be
 reserved, publishes those pages for its room, waits in the *transfer* queue for the KV, then
 joins the running batch with ``num_computed = len(prompt)`` and the first token appended, so the
-prompt is never recomputed. A room that fails or times out frees its pages and finishes with an
-abort; so does an abort from the client.
+prompt is never recomputed. A room that fails or times out finishes with an abort; so does an
+abort from the client. Its pages are freed at once only when no prefill can still write into them
+(nobody claimed the room, or the prefill's agent is gone); otherwise they are *quarantined*
+(``quarantine``: room -> pages, counted in use, in no free list) until the connector's
+``released`` names the room: the prefill acknowledged that it dropped every write, its agent
+died, or a bounded quarantine timeout passed. A late NIXL write therefore never lands in pages
+another request already holds.
 
 Failures never stop the scheduler: a connector error (Redis down, an incompatible decode layout,
 a refused write) fails only the request it concerns, with ``finish_reason`` abort and a message.
@@ -231,6 +236,7 @@ class DecodeSide(_Counters):
         self.prealloc: deque[Request] = deque()
         self.transfer: dict[int, Request] = {}
         self._published_at: dict[int, float] = {}
+        self.quarantine: dict[int, list[int]] = {}  # room -> pages a late write may still reach
 
     @property
     def inflight(self) -> list[Request]:
@@ -283,6 +289,8 @@ class DecodeSide(_Counters):
             updated.append(got)
             if not res.ok or not res.aux:
                 self.transfers_failed += 1
+                if res.quarantined:
+                    self._hold(sched, res.room, got)
                 sched.finish_external(got, FinishReason("abort", message=f"KV transfer failed: {res.error}"))
                 continue
             self.transfers_ok += 1
@@ -298,31 +306,57 @@ class DecodeSide(_Counters):
             got.cached_tokens = int(res.aux.get("cached_tokens") or 0)
             got.admitted_once = True  # a later retraction recomputes here but keeps cached_tokens
             sched.admit_prefilled(got, int(res.aux["first_token"]), res.aux.get("logprob"), top)
+        self._free_released(sched)
         return updated
+
+    def _hold(self, sched: Scheduler, room: int, req: Request) -> None:
+        """Quarantine ``req``'s pages (before it is finished and released)."""
+        pages = sched.kv.quarantine(req)
+        if pages:
+            self.quarantine[room] = pages
+
+    def _free_released(self, sched: Scheduler) -> None:
+        try:
+            rooms = self.receiver.released()
+        except Exception as e:  # asked again next step
+            logger.warning("KV receiver released() failed: %s", e)
+            return
+        for room in rooms:
+            pages = self.quarantine.pop(room, None)
+            if pages:
+                sched.kv.free_quarantined(pages)
+
+    @property
+    def quarantined_pages(self) -> int:
+        return sum(len(p) for p in self.quarantine.values())
 
     def abort(self, sched: Scheduler, req: Request) -> bool:
         if req in self.prealloc:
             self.prealloc.remove(req)
         elif self.transfer.get(req.bootstrap_room) is req:  # type: ignore[arg-type]
-            self._cancel(req.bootstrap_room)  # type: ignore[arg-type]
+            self._cancel(sched, req.bootstrap_room)  # type: ignore[arg-type]
         else:
             return False
         sched.finish_external(req, FinishReason("abort", message="aborted by the client"))
         return True
 
-    def _cancel(self, room: int) -> None:
-        del self.transfer[room]
+    def _cancel(self, sched: Scheduler, room: int) -> None:
+        """Withdraw a published room; its request is finished by the caller right after."""
+        req = self.transfer.pop(room)
         self._published_at.pop(room, None)
         try:
-            self.receiver.cancel(room)
-        except Exception as e:  # the pages are freed anyway; the room key expires by TTL
+            free_now = self.receiver.cancel(room)
+        except Exception as e:  # the receiver holds nothing for the room: free, as nothing names it later
             logger.warning("cancelling room %d failed: %s", room, e)
+            free_now = True
+        if not free_now:
+            self._hold(sched, room, req)
 
     def abort_all(self, sched: Scheduler, message: str) -> list[Request]:
         reqs = self.inflight
         self.prealloc.clear()
         for room in list(self.transfer):
-            self._cancel(room)
+            self._cancel(sched, room)
         for req in reqs:
             sched.finish_external(req, FinishReason("abort", message=message))
         return reqs

@@ -3,7 +3,10 @@
 A request's ``pages`` cover its tokens in order; token ``j`` lives in slot
 ``pages[j // page_size] * page_size + j % page_size``. The first ``num_tree_pages`` of them belong
 to the prefix cache and are pinned by the lock on ``req.tree_node``; the rest are the request's own
-("in use"). Invariant: allocator free + in use + cached == total pages.
+("in use"). Invariant: allocator free + in use + cached == total pages, where "in use" is the
+requests' own pages plus *quarantined* ones: pages of a finished decode-side request that a remote
+prefill may still write into (PD), held until the connector says they are safe to reuse. They
+count as used (``pages_in_use``, the ``num_used_pages`` stat) but belong to no request.
 
 When pages run short, unlocked cached pages are evicted before anyone is retracted.
 """
@@ -25,7 +28,8 @@ class KVSlots:
         self.req_to_token = req_to_token
         self.cache = cache
         self.page_size = allocator.page_size
-        self.pages_in_use = 0  # pages owned by requests (not by the cache)
+        self.pages_in_use = 0  # pages owned by requests (not by the cache), quarantined ones included
+        self.quarantined = 0  # of those, pages taken off finished requests (see ``quarantine``)
 
     # ---- capacity ------------------------------------------------------------------------
     def pages_needed(self, req: Request, upto_tokens: int) -> int:
@@ -154,10 +158,26 @@ class KVSlots:
             req.row = None
         req.num_computed = 0
 
+    def quarantine(self, req: Request) -> list[int]:
+        """Take ``req``'s own pages away before it is released, keeping them out of the free list
+        (still counted in use) until ``free_quarantined``; returns them."""
+        pages = req.pages[req.num_tree_pages :]
+        del req.pages[req.num_tree_pages :]
+        self.quarantined += len(pages)
+        return pages
+
+    def free_quarantined(self, pages: list[int]) -> None:
+        self.allocator.free(pages)
+        self.quarantined -= len(pages)
+        self.pages_in_use -= len(pages)
+
     def check_integrity(self, admitted: list[Request]) -> None:
         held = sum(len(r.pages) - r.num_tree_pages for r in admitted)
-        if held != self.pages_in_use:
-            raise AssertionError(f"requests own {held} pages but {self.pages_in_use} are accounted in use")
+        if held + self.quarantined != self.pages_in_use:
+            raise AssertionError(
+                f"requests own {held} pages and {self.quarantined} are quarantined, but {self.pages_in_use} "
+                "are accounted in use"
+            )
         cached = 0
         if self.cache is not None:
             self.cache.check_integrity()
