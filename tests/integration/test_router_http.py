@@ -388,15 +388,7 @@ def _worker_metric(workers: list[WorkerProc], name: str) -> float:
     return total
 
 
-@pytest.mark.parametrize(
-    "stream",
-    [
-        True,
-        # Known defect, left open: in about 1 run of 5 the router misses a NON-streaming client's
-        # disconnect (aiohttp handler_cancellation) and the request runs to completion.
-        pytest.param(False, marks=pytest.mark.skip(reason="known flaky: non-streaming disconnect sometimes missed")),
-    ],
-)
+@pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_aborts_the_request_on_the_worker(
     router: RouterProc, workers: list[WorkerProc], model_name: str, stream: bool
 ) -> None:

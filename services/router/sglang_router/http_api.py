@@ -11,6 +11,8 @@ Every error is OpenAI-style JSON (``{"error": {"message", "type", "param", "code
 ``Retry-After``. With an API key, every route except health, liveness, readiness and metrics needs
 ``Authorization: Bearer <key>``. A client that disconnects cancels its handler
 (``handler_cancellation``), which cancels the worker streams and so aborts the request on the worker.
+Nothing on the handler's path may swallow that cancellation: no ``asyncio.wait_for`` there (on
+Python 3.11 it drops a cancel that lands as its inner await completes); use ``asyncio.timeout``.
 """
 
 from __future__ import annotations

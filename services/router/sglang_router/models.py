@@ -189,7 +189,8 @@ class ModelCatalog:
             self.on_worker_added(self.discovery.routable(served)[0])  # resolve() saw one
             task = self._loading[served]
         try:
-            return await asyncio.wait_for(asyncio.shield(task), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: it can swallow a cancel on 3.11
+                return await asyncio.shield(task)
         except Exception as e:
             raise RouterError(
                 503, f"the tokenizer of {served!r} is not loaded: {e}", code="model_loading",

@@ -262,7 +262,8 @@ class PDFlow:
     ) -> PDFailure:
         msg = (ev.finish_reason or {}).get("message") or "aborted"
         with contextlib.suppress(asyncio.TimeoutError):
-            p_failure = await asyncio.wait_for(asyncio.shield(prefill_task), self.settings.pd_abort_timeout_s)
+            async with asyncio.timeout(self.settings.pd_abort_timeout_s):  # not wait_for (3.11 cancel race)
+                p_failure = await asyncio.shield(prefill_task)
             if p_failure is not None:
                 return p_failure  # the root cause (e.g. an incompatible KV layout)
         await self._abort_prefill(prefill, prefill_task, rid)

@@ -201,7 +201,12 @@ class RequestFlow:
                 try:
                     if timeout <= 0:
                         raise asyncio.TimeoutError
-                    item = await asyncio.wait_for(queue.get(), timeout)
+                    # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives
+                    # once queue.get() is done but before wait_for resumes (CPython gh-86296). The
+                    # handler of a non-streaming request that lost its client (aiohttp
+                    # handler_cancellation) then went on collecting, and the worker ran to the end.
+                    async with asyncio.timeout(timeout):
+                        item = await queue.get()
                 except asyncio.TimeoutError:
                     raise RouterError(
                         504, f"the request took longer than {self.settings.request_timeout_s:g} s", code="timeout"
