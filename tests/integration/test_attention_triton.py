@@ -13,13 +13,10 @@ in-process with larger shapes, plus a CUDA-graph capture/replay check and an eng
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import sys
 import tempfile
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -27,11 +24,10 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers.triton_worker import InterpreterWorker
+from tests.helpers.triton_worker import device_runner, interpreter_fixture, serve
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ATOL = {"float32": 1e-4, "bfloat16": 3e-2}
 
@@ -125,27 +121,10 @@ def model_case(device: str, family: str, page_size: int) -> float:
 CASES: dict[str, Callable[..., float]] = {"attention_case": attention_case, "model_case": model_case}
 
 
-def _serve() -> None:
-    """Worker loop: one JSON request per line (``{"fn", "kwargs"}``), one JSON answer per line."""
-    sys.path.insert(0, str(ROOT))
-    for line in sys.stdin:
-        req = json.loads(line)
-        try:
-            ans: dict[str, Any] = {"ok": CASES[req["fn"]](**req["kwargs"])}
-        except Exception:
-            ans = {"error": traceback.format_exc()}
-        print(json.dumps(ans), flush=True)
-
-
 # ---------------------------------------------------------------- pytest side
 
 
-@pytest.fixture(scope="module")
-def interpreter() -> Iterator[InterpreterWorker]:
-    pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
-    worker = InterpreterWorker(__file__)
-    yield worker
-    worker.close()
+interpreter = interpreter_fixture(__file__)
 
 
 Run = Callable[..., float]
@@ -154,12 +133,7 @@ Run = Callable[..., float]
 @pytest.fixture
 def run(request: pytest.FixtureRequest) -> Run:
     """``run(fn_name, **kwargs)`` on the test's device (``device`` parameter)."""
-    device = request.node.callspec.params["device"]
-    if device == "interpret":
-        worker: InterpreterWorker = request.getfixturevalue("interpreter")
-        return worker.call
-    pytest.importorskip("triton")
-    return lambda fn, **kw: CASES[fn](device="cuda", **kw)
+    return device_runner(request, CASES)
 
 
 def _param(device: str, *values: Any) -> Any:
@@ -389,4 +363,4 @@ def test_num_kv_splits_must_be_power_of_two() -> None:
 
 
 if __name__ == "__main__":
-    _serve()
+    serve(CASES)

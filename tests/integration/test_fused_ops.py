@@ -12,12 +12,9 @@ greedy tokens against HF transformers. The kernels are also compiled to an sm_90
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import sys
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,11 +22,10 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers.triton_worker import InterpreterWorker
+from tests.helpers.triton_worker import device_runner, interpreter_fixture, serve
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOL = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}  # atol and rtol, element by element
 MAX_ABS = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.02}  # max |got - ref| (outputs reach ~10)
@@ -120,28 +116,10 @@ def _round_bf16_like_gpu() -> None:
     interpreter.InterpreterBuilder.cast_impl = rounding_cast  # type: ignore[method-assign]
 
 
-def _serve() -> None:
-    """Worker loop: one JSON request per line (``{"fn", "kwargs"}``), one JSON answer per line."""
-    sys.path.insert(0, str(ROOT))
-    _round_bf16_like_gpu()
-    for line in sys.stdin:
-        req = json.loads(line)
-        try:
-            ans: dict[str, Any] = {"ok": CASES[req["fn"]](**req["kwargs"])}
-        except Exception:
-            ans = {"error": traceback.format_exc()}
-        print(json.dumps(ans), flush=True)
-
-
 # ---------------------------------------------------------------- pytest side
 
 
-@pytest.fixture(scope="module")
-def interpreter() -> Iterator[InterpreterWorker]:
-    pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
-    worker = InterpreterWorker(__file__)
-    yield worker
-    worker.close()
+interpreter = interpreter_fixture(__file__)
 
 
 Run = Callable[..., float]
@@ -150,12 +128,7 @@ Run = Callable[..., float]
 @pytest.fixture
 def run(request: pytest.FixtureRequest) -> Run:
     """``run(fn_name, **kwargs)`` on the test's device (``device`` parameter)."""
-    device = request.node.callspec.params["device"]
-    if device == "interpret":
-        worker: InterpreterWorker = request.getfixturevalue("interpreter")
-        return worker.call
-    pytest.importorskip("triton")
-    return lambda fn, **kw: CASES[fn](device="cuda", **kw)
+    return device_runner(request, CASES)
 
 
 def _params(names: str, grid: dict[str, list[tuple[Any, ...]]]) -> Any:
@@ -336,4 +309,4 @@ def test_engine_fused_greedy_matches_hf(tmp_path: Path, family: str, monkeypatch
 
 
 if __name__ == "__main__":
-    _serve()
+    serve(CASES, _round_bf16_like_gpu)
