@@ -94,6 +94,11 @@ class PrefillSide(_Counters):
     def inflight(self) -> list[Request]:
         return list(self.sending.values()) + list(self.awaiting_dest.values())
 
+    @property
+    def busy(self) -> bool:
+        """Something to poll for between steps."""
+        return bool(self.sending or self.awaiting_dest)
+
     def after_chunk(self, sched: Scheduler, req: Request) -> bool:
         """Send the whole pages this chunk completed, when the destination is known. False when
         the request failed (it is finished with an abort)."""
@@ -241,6 +246,11 @@ class DecodeSide(_Counters):
     @property
     def inflight(self) -> list[Request]:
         return list(self.prealloc) + list(self.transfer.values())
+
+    @property
+    def busy(self) -> bool:
+        """Something to poll for between steps: rooms in flight, or quarantined pages to release."""
+        return bool(self.prealloc or self.transfer or self.quarantine)
 
     def add(self, req: Request) -> None:
         if req.bootstrap_room is None:

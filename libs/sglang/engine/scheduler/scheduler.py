@@ -101,8 +101,7 @@ class Scheduler:
     def has_work(self) -> bool:
         """Anything to step for: queued or running requests, PD transfers in flight, or quarantined
         decode pages waiting for their release (steps poll for it)."""
-        pd_busy = self.pd is not None and bool(self.pd.inflight or getattr(self.pd, "quarantine", None))
-        return bool(self.waiting or self.running or pd_busy)
+        return bool(self.waiting or self.running or (self.pd is not None and self.pd.busy))
 
     def can_admit(self) -> bool:
         return len(self.running) < self.settings.max_running_requests and self.runner.req_to_token.num_free > 0
