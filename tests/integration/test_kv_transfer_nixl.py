@@ -292,6 +292,48 @@ def test_consecutive_pages_are_one_descriptor(
         rx.close()
 
 
+def test_transfer_speed_counts_only_time_on_the_wire(redis_url: str) -> None:
+    """Two chunks 0.4 s apart (as when the second chunk's forward runs in between): the room's
+    latency holds the gap, its wire time (the speed metric's denominator) does not, and the
+    sender reports ``writing`` exactly while a write is in flight."""
+    lay = layout_dict("float32", 16, layers=4, heads=2, dim=32)
+    pre_pool, layout = decode_pool(lay, num_pages=16)
+    dec_pool, _ = decode_pool(lay, num_pages=16)
+    pre_pool.buffer.copy_(torch.randn(pre_pool.buffer.shape, generator=torch.Generator().manual_seed(3)))
+    rx = create_receiver("nixl", kv_pool=dec_pool, layout=layout, agent_name=f"dec-{uuid.uuid4().hex[:6]}",
+                         redis_url=redis_url, timeout_s=30.0)
+    tx = create_sender("nixl", kv_pool=pre_pool, layout=layout, agent_name=f"pre-{uuid.uuid4().hex[:6]}",
+                       redis_url=redis_url, timeout_s=30.0)
+    try:
+        room = new_room()
+        rx.publish(room, [8, 9, 10, 11])
+        assert tx.dest(room) is not None and not tx.writing
+        tx.send(room, [1, 2], [8, 9], 0, last=False)
+        assert tx.writing
+        deadline = time.monotonic() + 30
+        while tx.writing and time.monotonic() < deadline:
+            assert tx.poll() == []
+            rx.poll()
+            time.sleep(0.001)
+        assert not tx.writing
+        time.sleep(0.4)
+        tx.send(room, [3, 4], [10, 11], 1, last=True, aux={"first_token": 7})
+        sent: list[tuple[int, bool, str | None]] = []
+        while not sent and time.monotonic() < deadline:
+            sent += tx.poll()
+            rx.poll()
+            time.sleep(0.001)
+        assert sent == [(room, True, None)]
+        (st,) = tx.pop_stats()
+        assert st.seconds >= 0.4
+        assert 0 < st.wire_seconds < st.seconds - 0.3
+        assert st.gb_per_s == pytest.approx(st.bytes / st.wire_seconds / 1e9)
+        assert_pages_equal(dec_pool, [8, 9, 10, 11], pre_pool.buffer[[1, 2, 3, 4]])
+    finally:
+        tx.close()
+        rx.close()
+
+
 def test_room_nobody_sends_times_out(redis_url: str) -> None:
     pool, layout = decode_pool(layout_dict("float32", 1), num_pages=8)
     rx = create_receiver("nixl", kv_pool=pool, layout=layout, agent_name=f"dec-{uuid.uuid4().hex[:6]}",

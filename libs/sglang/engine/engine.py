@@ -123,7 +123,8 @@ class Engine:
                 logger.warning("test hook: prefill sleeps %gs after each KV chunk of prompts >= %d tokens",
                                delay, min_prompt)
             sender = create_sender(s.kv_transfer_backend, **kw)
-            return PrefillSide(sender, self.runner.page_size, s.kv_transfer_timeout_s, delay, min_prompt)
+            return PrefillSide(sender, self.runner.page_size, s.kv_transfer_timeout_s, delay, min_prompt,
+                               spin=self.runner.device.type == "cuda")
         pool = self.runner.kv_pool
         page_bytes = pool.bytes_per_token(info.num_layers, info.num_kv_heads, info.head_dim, pool.dtype) * pool.page_size
         return DecodeSide(create_receiver(s.kv_transfer_backend, **kw), page_bytes)
@@ -404,7 +405,7 @@ class Engine:
             "num_decode_transfer_queue_reqs": len(dec.transfer) if dec is not None else 0,
         }
         counters = s.pd.stats() if s.pd is not None else {
-            "kv_transfer_bytes_total": 0, "kv_transfer_seconds_total": 0.0,
+            "kv_transfer_bytes_total": 0, "kv_transfer_seconds_total": 0.0, "kv_transfer_wire_seconds_total": 0.0,
             "kv_transfer_reqs_total": 0, "kv_transfer_failed_reqs_total": 0,
         }
         return {**out, **counters}

@@ -121,7 +121,7 @@ class EngineLoop:
                 # Block when there is nothing to do; when only waiting on KV transfers, wait a
                 # short while for commands instead of spinning.
                 block = not sched.has_work() or sched.idle
-                timeout = None if not sched.has_work() else IDLE_POLL_S
+                timeout = None if not sched.has_work() else (0.0 if sched.hot() else IDLE_POLL_S)
                 while True:
                     try:
                         cmd = self._inbox.get(block=block, timeout=timeout)

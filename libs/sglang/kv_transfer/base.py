@@ -170,10 +170,14 @@ class TransferStats:
     chunks: int
     peer: str = ""
     descriptors: int = 0  # NIXL descriptors posted (one per run of consecutive pages, else per page)
+    wire_seconds: float = 0.0  # time with at least one write of the room on the wire (post -> DONE seen)
 
     @property
     def gb_per_s(self) -> float:
-        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        """Transfer speed: bytes over the time writes were in flight. The latency (``seconds``)
+        also holds the wait for the prefill's forward to finish before a chunk can be posted."""
+        t = self.wire_seconds or self.seconds
+        return self.bytes / t / 1e9 if t > 0 else 0.0
 
 
 @dataclass
@@ -247,6 +251,11 @@ class KVSender(ABC):
     def pop_stats(self) -> list[TransferStats]:
         """Per-room statistics of rooms reported since the last call."""
         return []
+
+    @property
+    def writing(self) -> bool:
+        """True while writes are posted and not yet seen complete (the loop may poll hot then)."""
+        return False
 
 
 class KVReceiver(ABC):

@@ -74,6 +74,8 @@ class _Room:
     bytes: int = 0
     descriptors: int = 0
     first_send: float = 0.0
+    wire_since: float | None = None  # when the current stretch of in-flight writes began
+    wire_seconds: float = 0.0
     progress: float = field(default_factory=time.monotonic)
 
 
@@ -222,6 +224,8 @@ class NixlKVSender(KVSender):
             self._drop(h, room)
             return
         r.descriptors += descriptors
+        if not r.xfers:
+            r.wire_since = time.monotonic()
         r.xfers.append((h, chunk))
 
     # ---- completion ----------------------------------------------------------------------
@@ -247,6 +251,9 @@ class NixlKVSender(KVSender):
                     self._drop(h, room)
                 else:
                     still.append((h, chunk))
+            if r.xfers and not still and r.wire_since is not None:
+                r.wire_seconds += time.monotonic() - r.wire_since
+                r.wire_since = None
             r.xfers = still
             if r.error is None and (r.xfers or r.pending) and now - r.progress > self.timeout_s:
                 r.error = f"timed out after {self.timeout_s:g}s waiting for KV writes to {r.peer} to complete"
@@ -291,7 +298,8 @@ class NixlKVSender(KVSender):
             self._to_release[room] = (r.peer, r.error or "failed on the prefill side")
         if r.chunks:
             self._stats.append(
-                TransferStats(room, ok, r.bytes, now - r.first_send, len(r.chunks), r.peer, r.descriptors)
+                TransferStats(room, ok, r.bytes, now - r.first_send, len(r.chunks), r.peer, r.descriptors,
+                              r.wire_seconds)
             )
 
     def _release(self, h: nixl_xfer_handle) -> bool:
@@ -332,6 +340,11 @@ class NixlKVSender(KVSender):
             self._drop(h, room)
         self._to_release[room] = (r.peer, r.error or "cancelled by the prefill side")
         self._send_released()
+
+    @property
+    def writing(self) -> bool:
+        """Writes posted and not yet seen complete, or chunks waiting for their forward to finish."""
+        return any(r.xfers or r.pending for r in self._rooms.values())
 
     def pop_stats(self) -> list[TransferStats]:
         out, self._stats = self._stats, []

@@ -67,8 +67,8 @@ class LoadMonitor:
     def _observe_pd(self, m: WorkerMetrics, stats: dict[str, Any]) -> None:
         for name in ("num_prefill_inflight_queue_reqs", "num_decode_prealloc_queue_reqs", "num_decode_transfer_queue_reqs"):
             m.child(getattr(m, name)).set(stats.get(name, 0))  # type: ignore[union-attr]
-        keys = ("kv_transfer_bytes_total", "kv_transfer_seconds_total", "kv_transfer_reqs_total",
-                "kv_transfer_failed_reqs_total")
+        keys = ("kv_transfer_bytes_total", "kv_transfer_seconds_total", "kv_transfer_wire_seconds_total",
+                "kv_transfer_reqs_total", "kv_transfer_failed_reqs_total")
         now = {k: float(stats.get(k, 0)) for k in keys}
         delta = {k: max(now[k] - self._last_pd.get(k, 0.0), 0.0) for k in keys}
         self._last_pd = now
@@ -76,8 +76,9 @@ class LoadMonitor:
         m.child(m.kv_transfer_reqs_total).inc(delta["kv_transfer_reqs_total"])  # type: ignore[union-attr]
         m.child(m.num_transfer_failed_reqs_total).inc(delta["kv_transfer_failed_reqs_total"])  # type: ignore[union-attr]
         n, secs = delta["kv_transfer_reqs_total"], delta["kv_transfer_seconds_total"]
+        wire = delta["kv_transfer_wire_seconds_total"] or secs  # speed: bytes over time on the wire
         if n > 0 and secs > 0:
-            m.child(m.kv_transfer_speed_gb_s).set(delta["kv_transfer_bytes_total"] / secs / 1e9)  # type: ignore[union-attr]
+            m.child(m.kv_transfer_speed_gb_s).set(delta["kv_transfer_bytes_total"] / wire / 1e9)  # type: ignore[union-attr]
             m.child(m.kv_transfer_latency_ms).set(secs / n * 1000.0)  # type: ignore[union-attr]
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -54,6 +54,7 @@ class _Counters:
     def __init__(self) -> None:
         self.transfer_bytes = 0
         self.transfer_seconds = 0.0
+        self.transfer_wire_seconds = 0.0
         self.transfers_ok = 0
         self.transfers_failed = 0
 
@@ -61,6 +62,7 @@ class _Counters:
         return {
             "kv_transfer_bytes_total": self.transfer_bytes,
             "kv_transfer_seconds_total": self.transfer_seconds,
+            "kv_transfer_wire_seconds_total": self.transfer_wire_seconds,
             "kv_transfer_reqs_total": self.transfers_ok,
             "kv_transfer_failed_reqs_total": self.transfers_failed,
         }
@@ -69,10 +71,11 @@ class _Counters:
 class PrefillSide(_Counters):
     def __init__(
         self, sender: KVSender, page_size: int, timeout_s: float, chunk_delay_s: float = 0.0,
-        chunk_delay_min_prompt: int = 0,
+        chunk_delay_min_prompt: int = 0, spin: bool = False,
     ) -> None:
         super().__init__()
         self.sender = sender
+        self.spin = spin
         self.page_size = page_size
         self.timeout_s = timeout_s
         # Test hook (SGLANG_TEST_PD_CHUNK_DELAY_S, SGLANG_TEST_PD_CHUNK_DELAY_MIN_PROMPT): sleep
@@ -98,6 +101,12 @@ class PrefillSide(_Counters):
     def busy(self) -> bool:
         """Something to poll for between steps."""
         return bool(self.sending or self.awaiting_dest)
+
+    @property
+    def hot(self) -> bool:
+        """GPU writes in flight: they finish within milliseconds, so the loop polls without
+        sleeping until they do (on CPU the writes run on the same cores: it sleeps)."""
+        return self.spin and self.sender.writing
 
     def after_chunk(self, sched: Scheduler, req: Request) -> bool:
         """Send the whole pages this chunk completed, when the destination is known. False when
@@ -188,6 +197,7 @@ class PrefillSide(_Counters):
                 self.transfers_ok += 1
                 self.transfer_bytes += st.bytes
                 self.transfer_seconds += st.seconds
+                self.transfer_wire_seconds += st.wire_seconds or st.seconds
         for room, req in list(self.sending.items()):
             if now > req.pd_deadline + self.timeout_s:
                 self._fail(sched, room, req, "KV transfer timed out")
@@ -251,6 +261,10 @@ class DecodeSide(_Counters):
     def busy(self) -> bool:
         """Something to poll for between steps: rooms in flight, or quarantined pages to release."""
         return bool(self.prealloc or self.transfer or self.quarantine)
+
+    @property
+    def hot(self) -> bool:
+        return False  # waits on a prefill's forward: the loop's short sleep is enough
 
     def add(self, req: Request) -> None:
         if req.bootstrap_room is None:

@@ -103,6 +103,10 @@ class Scheduler:
         decode pages waiting for their release (steps poll for it)."""
         return bool(self.waiting or self.running or (self.pd is not None and self.pd.busy))
 
+    def hot(self) -> bool:
+        """PD writes in flight that the loop should poll for without sleeping."""
+        return self.pd is not None and self.pd.hot
+
     def can_admit(self) -> bool:
         return len(self.running) < self.settings.max_running_requests and self.runner.req_to_token.num_free > 0
 
