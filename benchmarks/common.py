@@ -389,7 +389,8 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
 def command_line() -> str:
     args = " ".join(sys.argv[1:])
     script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO_ROOT)
-    return f".venv/bin/python {script} {args}".strip()
+    exe = os.path.relpath(sys.executable, REPO_ROOT) if sys.executable.startswith(str(REPO_ROOT)) else "python3"
+    return f"{exe} {script} {args}".strip()
 
 
 def append_section(path: str, title: str, body: str) -> None:
