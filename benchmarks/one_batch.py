@@ -276,6 +276,29 @@ def op_table(prof: Any, limit: int) -> str:
     return markdown_table(["operator", "self ms", "% of self time", "calls"], rows)
 
 
+def gpu_kernel_table(prof: Any, steps: int, wall: float, limit: int) -> str:
+    """Kernels by GPU time per step (graph replays included), and GPU busy time against the wall
+    time of the same steps: the difference is launch gaps and host work the GPU waited for."""
+    from torch.autograd import DeviceType
+
+    rows = []
+    busy = 0.0
+    for e in prof.key_averages():
+        t = float(getattr(e, "self_device_time_total", 0.0) or 0.0)
+        if t <= 0 or e.device_type != DeviceType.CUDA:  # kernels and copies only, not the ops above them
+            continue
+        busy += t
+        rows.append([f"`{e.key[:90]}`", t / steps, e.count / steps, t])
+    rows.sort(key=lambda r: -r[3])
+    busy_ms = busy / steps / 1e3
+    wall_ms = wall / steps * 1e3
+    head = (f"GPU busy {busy_ms:.3f} ms/step of {wall_ms:.3f} ms/step wall ({busy_ms / wall_ms:.1%}); "
+            f"kernel launches {sum(r[2] for r in rows):.0f}/step")
+    table = markdown_table(["kernel", "us/step", "calls/step", "% of busy"],
+                           [[r[0], r[1], r[2], 100 * r[3] / (busy or 1)] for r in rows[:limit]])
+    return head + "\n\n" + table
+
+
 def cprofile_table(pr: cProfile.Profile, steps: int, limit: int) -> str:
     stats: dict[Any, Any] = pstats.Stats(pr).stats  # type: ignore[attr-defined]
     rows = []
@@ -298,7 +321,7 @@ def profile_point(engine: Any, prompts: list[list[int]], steps: int) -> str:
     cProfile's top Python functions. Returns a Markdown report."""
     from torch.profiler import ProfilerActivity, profile
 
-    out_len = 2 * steps + 8
+    out_len = 3 * steps + 8
     reqs = _requests(engine, prompts, out_len)
     bs, in_len = len(prompts), len(prompts[0])
 
@@ -314,6 +337,8 @@ def profile_point(engine: Any, prompts: list[list[int]], steps: int) -> str:
         lines += [_phase_table(timer, wall, 1), "", "Prefill step, top operators (torch.profiler):", ""]
         lines += [op_table(prof, 12), ""]
 
+        while any(not r.output_ids for r in reqs):  # the rest of a prefill split into chunks
+            s.step()
         s.step()  # one decode step, unmeasured
         with phase_timers(s) as timer:
             t0 = time.perf_counter()
@@ -326,6 +351,19 @@ def profile_point(engine: Any, prompts: list[list[int]], steps: int) -> str:
             for _ in range(2):
                 s.step()
         lines += ["Decode, top operators over 2 steps (torch.profiler):", "", op_table(prof, 15), ""]
+
+        if torch.cuda.is_available() and s.runner.device.type == "cuda":
+            from torch.profiler import ProfilerActivity as PA
+
+            torch.cuda.synchronize()
+            with profile(activities=[PA.CPU, PA.CUDA]) as prof:
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    s.step()
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - t0
+            lines += [f"Decode on the GPU over {steps} steps (torch.profiler, CUDA kernels):", "",
+                      gpu_kernel_table(prof, steps, wall, 30), ""]
 
         n_prof = 4
         pr = cProfile.Profile()

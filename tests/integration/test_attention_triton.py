@@ -46,7 +46,7 @@ def attention_case(
     head_dim: int,
     num_kv_heads: int = 2,
     window: int | None = None,
-    num_kv_splits: int = 16,
+    num_kv_splits: int | None = None,
     seed: int = 0,
 ) -> float:
     """Max |triton - torch_native| over one layer's forward of a batch built from the lengths."""

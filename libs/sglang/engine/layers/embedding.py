@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sglang.engine.layers.fused import skinny_linear
+
 
 class VocabEmbedding(nn.Module):
     """``weight`` ``[vocab_size, hidden_size]``; forward maps token ids ``[T]`` to ``[T, hidden]``."""
@@ -52,7 +54,8 @@ class LMHead(nn.Module):
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=dtype), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight).float()
+        y = skinny_linear(hidden, self.weight, out_dtype=torch.float32)  # decode batches on CUDA
+        return y if y is not None else F.linear(hidden, self.weight).float()
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size} -> {self.vocab_size}, tied={self.tied}"

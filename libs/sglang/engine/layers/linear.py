@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sglang.engine.layers.fused import skinny_linear
+
 
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
     """Copy ``loaded`` into ``param`` (any dtype/device), raising ValueError on a shape mismatch."""
@@ -38,7 +40,8 @@ class Linear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = skinny_linear(x, self.weight, self.bias)  # decode batches on CUDA (None elsewhere)
+        return y if y is not None else F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"

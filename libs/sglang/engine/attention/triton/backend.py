@@ -9,7 +9,12 @@ import torch
 
 from sglang.engine.attention.base import AttentionBackend, AttentionLayerSpec
 from sglang.engine.attention.triton.common import interpreting
-from sglang.engine.attention.triton.decode import decode_attention, decode_scratch
+from sglang.engine.attention.triton.decode import (
+    decode_attention,
+    decode_scratch,
+    pick_num_splits,
+    scratch_rows,
+)
 from sglang.engine.attention.triton.extend import extend_attention, extend_tiles
 from sglang.engine.attention.triton.store import store_kv
 
@@ -26,15 +31,16 @@ class _ExtendMeta:
 class TritonBackend(AttentionBackend):
     """Attention with our own Triton kernels; GPU only (or the Triton CPU interpreter in tests).
 
-    Decode (one token per request) runs a split-K kernel: ``num_kv_splits`` programs per
-    (request, KV head) each reduce a slice of the context, a second kernel merges the slices.
+    Decode (one token per request) runs a split-K kernel: several programs per (request, KV head)
+    each reduce a slice of the context, a second kernel merges the slices. How many: fixed
+    ``num_kv_splits``, or by default per batch size (``decode.pick_num_splits``: up to
+    ``max_kv_splits`` for small batches, 1 once the batch alone fills the GPU).
     Extend runs a causal tiled kernel over prefix + new tokens. Both gather K/V by slot through
     ``req_to_token``, so any page size works, and both honour ``layer.sliding_window``. Slot ``s``
     is read at page ``s // page_size``, offset ``s % page_size`` of the page-major pool's per-layer
     views (``KVPool.get_kv``; page size a kernel constant). New tokens' K/V are stored by
     ``KVPool.set_kv``, or with ``fused_kv_store`` by one Triton launch per layer (``store.store_kv``,
-    the same bytes). ``fused_kv_store`` defaults to on only in Triton's CPU interpreter until its GPU
-    tests (tests/integration/test_kv_store_triton.py, marked gpu) have run on a GPU.
+    the same bytes; the default, checked bit for bit on the GPU by tests/integration/test_kv_store_triton.py).
 
     CUDA-graph contract (DECODE mode only):
 
@@ -56,21 +62,39 @@ class TritonBackend(AttentionBackend):
 
     name = "triton"
 
-    def __init__(self, num_kv_splits: int = 16, fused_kv_store: bool | None = None, **_: object) -> None:
-        if num_kv_splits < 1 or num_kv_splits & (num_kv_splits - 1):
-            raise ValueError(f"num_kv_splits must be a power of two, got {num_kv_splits}")
+    def __init__(
+        self, num_kv_splits: int | None = None, fused_kv_store: bool = True, max_kv_splits: int = 64, **_: object
+    ) -> None:
+        for name, n in (("num_kv_splits", num_kv_splits), ("max_kv_splits", max_kv_splits)):
+            if n is not None and (n < 1 or n & (n - 1)):
+                raise ValueError(f"{name} must be a power of two, got {n}")
+        # None: per batch size (pick_num_splits), else this many splits for every batch.
         self.num_kv_splits = num_kv_splits
-        self.fused_kv_store = interpreting() if fused_kv_store is None else fused_kv_store
-        # (num_heads, head_dim) -> (mid_o [cap, H, S, D], mid_lse [cap, H, S]) float32
+        self.max_kv_splits = num_kv_splits or max_kv_splits
+        self.fused_kv_store = fused_kv_store
+        # (num_heads, head_dim) -> flat (mid_o [rows * H * D], mid_lse [rows * H]) float32
         self._scratch: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._max_bs = 0
+        self._sm_count: int | None = None
+
+    def _sms(self, device: torch.device) -> int:
+        if self._sm_count is None:
+            self._sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        return self._sm_count
+
+    def splits_for(self, bs: int, num_kv_heads: int, device: torch.device) -> int:
+        if self.num_kv_splits is not None:
+            return self.num_kv_splits
+        return pick_num_splits(bs, num_kv_heads, self.max_kv_splits, self._sms(device))
+
+    def _rows(self, max_bs: int, device: torch.device) -> int:
+        return scratch_rows(max_bs, self.max_kv_splits, self._sms(device), fixed=self.num_kv_splits is not None)
 
     def init_cuda_graph_state(self, max_bs: int, num_heads: int, head_dim: int, device: torch.device | str) -> None:
         """Preallocate the decode scratch for up to ``max_bs`` requests (call before capture)."""
+        dev = torch.device(device)
         self._max_bs = max(self._max_bs, max_bs)
-        self._scratch[(num_heads, head_dim)] = decode_scratch(
-            self._max_bs, num_heads, head_dim, self.num_kv_splits, torch.device(device)
-        )
+        self._scratch[(num_heads, head_dim)] = decode_scratch(self._rows(self._max_bs, dev), num_heads, head_dim, dev)
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         if batch.is_decode:
@@ -101,7 +125,7 @@ class TritonBackend(AttentionBackend):
             scratch = self._decode_scratch(t, h, d, q.device)
             out = decode_attention(
                 q3, k_buf, v_buf, table, batch.req_pool_indices, batch.seq_lens, scratch,
-                layer.scaling, layer.sliding_window,
+                layer.scaling, layer.sliding_window, num_splits=self.splits_for(t, kvh, q.device),
             )
         else:
             meta: _ExtendMeta = batch.attn_metadata
@@ -118,7 +142,7 @@ class TritonBackend(AttentionBackend):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         key = (num_heads, head_dim)
         cur = self._scratch.get(key)
-        if cur is not None and cur[0].shape[0] >= bs and cur[0].device == device:
+        if cur is not None and cur[1].numel() >= self._rows(bs, device) * num_heads and cur[0].device == device:
             return cur
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
@@ -126,6 +150,6 @@ class TritonBackend(AttentionBackend):
                 "preallocated; call init_cuda_graph_state(max_bs, num_heads, head_dim, device) before capture"
             )
         self._max_bs = max(self._max_bs, bs)
-        cur = decode_scratch(self._max_bs, num_heads, head_dim, self.num_kv_splits, device)
+        cur = decode_scratch(self._rows(self._max_bs, device), num_heads, head_dim, device)
         self._scratch[key] = cur
         return cur

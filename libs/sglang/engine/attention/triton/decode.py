@@ -101,12 +101,31 @@ def _decode_merge_kernel(
     tl.store(out_ptr + b * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-def decode_scratch(
-    max_bs: int, num_heads: int, head_dim: int, num_splits: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-K scratch for up to ``max_bs`` requests: partial outputs and their base-2 LSEs."""
-    mid_o = torch.empty((max_bs, num_heads, num_splits, head_dim), dtype=torch.float32, device=device)
-    mid_lse = torch.empty((max_bs, num_heads, num_splits), dtype=torch.float32, device=device)
+def pick_num_splits(bs: int, num_kv_heads: int, max_splits: int, sm_count: int) -> int:
+    """KV splits per (request, KV head) for a decode batch of ``bs``: the largest power of two up
+    to ``max_splits`` that keeps ``bs * num_kv_heads * splits`` within ``8 * sm_count`` programs
+    (at least 1). Small batches spread each context over many programs (batch 1 on an H100: 64
+    splits, 512 programs); large batches have enough (request, head) pairs and stream whole
+    contexts, which saves the partial outputs' traffic. Depends only on the batch size, so a
+    CUDA graph per batch size stays valid."""
+    target = 8 * sm_count
+    splits = 1
+    while splits * 2 <= max_splits and bs * num_kv_heads * splits * 2 <= target:
+        splits *= 2
+    return splits
+
+
+def scratch_rows(max_bs: int, max_splits: int, sm_count: int, fixed: bool) -> int:
+    """(request, split) rows of scratch that cover every batch up to ``max_bs``: with
+    :func:`pick_num_splits`, ``bs * splits`` is at most ``max(max_bs, 8 * sm_count)``."""
+    return max_bs * max_splits if fixed else max(max_bs, min(8 * sm_count, max_bs * max_splits))
+
+
+def decode_scratch(rows: int, num_heads: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K scratch for ``rows`` (request, split) pairs: partial outputs and their base-2 LSEs,
+    flat; :func:`decode_attention` views the first ``bs * splits`` rows."""
+    mid_o = torch.empty(rows * num_heads * head_dim, dtype=torch.float32, device=device)
+    mid_lse = torch.empty(rows * num_heads, dtype=torch.float32, device=device)
     return mid_o, mid_lse
 
 
@@ -120,23 +139,29 @@ def decode_attention(
     scratch: tuple[torch.Tensor, torch.Tensor],
     scaling: float,
     sliding_window: int | None = None,
+    num_splits: int = 16,
     block_n: int = 64,
 ) -> torch.Tensor:
     """Attention of ``q`` ``[B, H, D]`` (one token per request) over each request's context.
 
     ``k_buf``/``v_buf`` are one layer's views ``[pages, page_size, KVH, D]`` of the page-major
     pool (``KVPool.get_kv``; slot ``s`` is ``[s // page_size, s % page_size]``); request ``i`` owns
-    row ``req_pool_indices[i]`` of ``table`` and its first ``seq_lens[i]`` entries (the new token's K/V already written). Uses
-    ``scratch[0][:B]`` and ``scratch[1][:B]`` (see :func:`decode_scratch`); the number of splits is
-    the scratch's third dimension (a power of two). Returns ``[B, H, D]`` in q's dtype. Issues no
-    host synchronisation.
+    row ``req_pool_indices[i]`` of ``table`` and its first ``seq_lens[i]`` entries (the new token's
+    K/V already written). ``num_splits`` (a power of two) programs share each (request, KV head);
+    ``scratch`` (see :func:`decode_scratch`) must hold ``B * num_splits`` rows. Returns
+    ``[B, H, D]`` in q's dtype. Issues no host synchronisation.
     """
     bs, num_heads, head_dim = q.shape
     page_size, num_kv_heads = k_buf.shape[1], k_buf.shape[2]
     stride_page, stride_tok, stride_kvh = kv_strides(k_buf, v_buf)
     group = num_heads // num_kv_heads
-    mid_o, mid_lse = scratch[0][:bs], scratch[1][:bs]
-    num_splits = mid_o.shape[2]
+    if num_splits < 1 or num_splits & (num_splits - 1):
+        raise ValueError(f"num_splits must be a power of two, got {num_splits}")
+    rows = bs * num_splits
+    if scratch[1].numel() < rows * num_heads:
+        raise ValueError(f"decode scratch holds {scratch[1].numel() // num_heads} rows, batch {bs} x {num_splits} splits needs {rows}")
+    mid_o = scratch[0][: rows * num_heads * head_dim].view(bs, num_heads, num_splits, head_dim)
+    mid_lse = scratch[1][: rows * num_heads].view(bs, num_heads, num_splits)
     out = torch.empty((bs, num_heads, head_dim), dtype=q.dtype, device=q.device)
     bd = block_d(head_dim)
     _decode_split_kernel[(bs, num_kv_heads, num_splits)](

@@ -13,7 +13,12 @@ import os
 
 import torch
 
-MAX_NORM_HIDDEN = 32768  # the fused RMSNorm holds a whole row in one program's registers
+MAX_NORM_HIDDEN = 32768
+# The skinny matmul replaces cuBLAS for decode batches of at most SKINNY_MAX_ROWS rows and weights
+# of at least SKINNY_MIN_WEIGHT elements: there it reads weights faster (benchmarks/gemv.py, H100);
+# on smaller weights cuBLAS is as fast or faster.
+SKINNY_MAX_ROWS = 16
+SKINNY_MIN_WEIGHT = 16 * 2**20  # the fused RMSNorm holds a whole row in one program's registers
 _enabled: bool | None = None  # None: not decided yet
 
 
@@ -29,6 +34,20 @@ def use_fused(x: torch.Tensor) -> bool:
     if _enabled is None:
         _enabled = _probe()
     return _enabled
+
+
+def skinny_linear(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+) -> torch.Tensor | None:
+    """``F.linear(x, w, bias)`` (as ``out_dtype``) by the Triton skinny matmul when it pays for
+    this shape, else ``None`` (the caller runs ``F.linear``)."""
+    if x.dim() != 2 or x.shape[0] > SKINNY_MAX_ROWS or w.numel() < SKINNY_MIN_WEIGHT or not use_fused(x):
+        return None
+    from sglang.engine.layers.fused import gemv
+
+    if not gemv.supported(x, w) or (bias is not None and bias.dtype != x.dtype):
+        return None
+    return gemv.skinny_linear(x, w, bias, out_dtype=out_dtype)
 
 
 def set_fused_ops(enabled: bool | None) -> None:
