@@ -92,6 +92,41 @@ def decode_rows(batch_sizes: list[int], contexts: list[int], bw: float) -> list[
     return rows
 
 
+def decode_sweep(batch_sizes: list[int], contexts: list[int], bw: float) -> list[list[Any]]:
+    """Every (block_n, num_warps, num_stages) of a small grid at the engine's split count: the
+    three fastest per point, to choose the kernel's launch parameters."""
+    from sglang.engine.attention.triton.decode import decode_attention, decode_scratch, pick_num_splits
+
+    rows = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for ctx in contexts:
+        for bs in batch_sizes:
+            k, v, table = paged_kv([ctx] * bs, seed=bs + ctx)
+            q = torch.randn((bs, HEADS, HEAD_DIM), device="cuda", dtype=torch.bfloat16)
+            req = torch.arange(bs, device="cuda")
+            lens = torch.full((bs,), ctx, device="cuda")
+            nbytes = bs * ctx * 2 * KV_HEADS * HEAD_DIM * 2
+            found = []
+            for splits in sorted({pick_num_splits(bs, KV_HEADS, 64, sms), max(1, pick_num_splits(bs, KV_HEADS, 64, sms) // 2),
+                                  min(64, 2 * pick_num_splits(bs, KV_HEADS, 64, sms))}):
+                scratch = decode_scratch(bs * splits, HEADS, HEAD_DIM, torch.device("cuda"))
+                for bn in (32, 64, 128):
+                    for warps in (4, 8):
+                        for stages in (2, 3, 4):
+                            fn = partial(decode_attention, q, k, v, table, req, lens, scratch, HEAD_DIM**-0.5,
+                                         num_splits=splits, block_n=bn, num_warps=warps, num_stages=stages)
+                            try:
+                                ms = bench_ms(fn)
+                            except Exception as e:  # e.g. out of shared memory
+                                print(f"skip bs {bs} ctx {ctx} {splits} {bn} {warps} {stages}: {type(e).__name__}")
+                                continue
+                            found.append((ms, splits, bn, warps, stages))
+            for ms, splits, bn, warps, stages in sorted(found)[:3]:
+                gbs = nbytes / ms / 1e6
+                rows.append([bs, ctx, splits, bn, warps, stages, ms * 1e3, gbs, gbs / bw])
+    return rows
+
+
 def native_decode_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, lens: torch.Tensor) -> float:
     """The torch_native backend's padded decode on the same tensors (NaN when it runs out of memory)."""
     import torch.nn.functional as F
@@ -135,6 +170,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, nargs="+", default=[1, 8, 64, 256])
     ap.add_argument("--context", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--out", help="append the tables to this Markdown file")
+    ap.add_argument("--sweep", action="store_true", help="time a grid of decode launch parameters instead")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("attention_kernels.py needs a CUDA GPU")
@@ -150,6 +186,13 @@ def main() -> None:
         ["batch", "context", "splits", "triton us", "KV GB/s", "of copy", "torch_native us", "speedup"],
         decode_rows(args.batch_size, args.context, bw),
     )
+    if args.sweep:
+        sweep = markdown_table(["batch", "context", "splits", "block_n", "warps", "stages", "us", "KV GB/s", "of copy"],
+                               decode_sweep(args.batch_size, args.context, bw))
+        print(sweep)
+        if args.out:
+            append_section(args.out, "Decode kernel sweep (triton)", header + "\n" + sweep)
+        return
     extend = markdown_table(["batch", "prefix", "extend", "triton us", "TFLOP/s", "of matmul"], extend_rows(peak))
     body = f"{header}\n### Decode (split-K, splits picked per batch size as in the engine)\n\n{decode}\n\n### Extend (causal)\n\n{extend}\n"
     print(body)

@@ -47,6 +47,7 @@ def attention_case(
     num_kv_heads: int = 2,
     window: int | None = None,
     num_kv_splits: int | None = None,
+    decode_block_n: int | None = None,
     seed: int = 0,
 ) -> float:
     """Max |triton - torch_native| over one layer's forward of a batch built from the lengths."""
@@ -94,7 +95,7 @@ def attention_case(
         return backend.forward(q, k, v, layer, batch)
 
     ref = run(TorchNativeBackend())
-    got = run(TritonBackend(num_kv_splits=num_kv_splits))
+    got = run(TritonBackend(num_kv_splits=num_kv_splits, decode_block_n=decode_block_n))
     assert got.shape == ref.shape and got.dtype == ref.dtype
     return float((got.float() - ref.float()).abs().max())
 
@@ -193,6 +194,19 @@ def test_window_splits_and_odd_head_dim(run: Run, device: str, window: int | Non
     )
     extend_err = run("attention_case", decode=False, prefix_lens=list(pre), extend_lens=list(ext), **common)
     assert decode_err < ATOL["float32"] and extend_err < ATOL["float32"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("splits", "block_n", "dtype"), [(1, 128, "bfloat16"), (1, 128, "float32"), (4, 32, "float32")])
+def test_decode_tile_sizes(run: Run, device: str, splits: int, block_n: int, dtype: str) -> None:
+    """The large-batch launch (one split written straight to the output, 128-token tiles) and
+    small tiles, against torch_native."""
+    seqs = DECODE_SEQS[device]
+    err = run(
+        "attention_case", dtype=dtype, decode=True, prefix_lens=[s - 1 for s in seqs], extend_lens=[1] * len(seqs),
+        page_size=16, group=4, head_dim=128, num_kv_splits=splits, decode_block_n=block_n,
+    )
+    assert err < ATOL[dtype]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -320,7 +334,10 @@ def test_kernels_compile_for_sm90(dtype: str) -> None:
     fp32 = dtype == "fp32"
     common = {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_N": 64, "DOT_FP32": fp32, "INTERP": False}
     kernels = [
-        (decode._decode_split_kernel, {"GROUP": 4, "BLOCK_H": 16, "NUM_SPLITS": 16, **common}),
+        (decode._decode_split_kernel, {"GROUP": 4, "BLOCK_H": 16, "NUM_SPLITS": 16, "DIRECT": False,
+                                       **common}),
+        (decode._decode_split_kernel, {"GROUP": 4, "BLOCK_H": 16, "NUM_SPLITS": 1, "DIRECT": True,
+                                       **common}),
         (extend._extend_kernel, {"GROUP": 4, "BLOCK_R": 64, **common}),
         (decode._decode_merge_kernel, {"HEAD_DIM": 128, "BLOCK_D": 128, "NUM_SPLITS": 16}),
     ]

@@ -63,7 +63,8 @@ class TritonBackend(AttentionBackend):
     name = "triton"
 
     def __init__(
-        self, num_kv_splits: int | None = None, fused_kv_store: bool = True, max_kv_splits: int = 64, **_: object
+        self, num_kv_splits: int | None = None, fused_kv_store: bool = True, max_kv_splits: int = 64,
+        decode_block_n: int | None = None, **_: object,
     ) -> None:
         for name, n in (("num_kv_splits", num_kv_splits), ("max_kv_splits", max_kv_splits)):
             if n is not None and (n < 1 or n & (n - 1)):
@@ -76,11 +77,30 @@ class TritonBackend(AttentionBackend):
         self._scratch: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._max_bs = 0
         self._sm_count: int | None = None
+        self._big_smem = False
+        self.decode_block_n = decode_block_n  # None: 128 for one split where shared memory allows, else 64
 
     def _sms(self, device: torch.device) -> int:
         if self._sm_count is None:
-            self._sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+            if device.type == "cuda":
+                props = torch.cuda.get_device_properties(device)
+                self._sm_count = props.multi_processor_count
+                self._big_smem = getattr(props, "shared_memory_per_block_optin", 0) >= 160 * 1024
+            else:
+                self._sm_count = 4
         return self._sm_count
+
+    def _decode_tiles(self, splits: int, device: torch.device) -> dict[str, int]:
+        """Launch parameters of the decode kernel: whole contexts per program (one split, large
+        batches) stream 128-token tiles, which needs ~128 KiB of shared memory (H100: 0.95-0.99 of
+        the copy bandwidth at batch 256 vs 0.75-0.79 with 64-token tiles, benchmarks/attention_kernels.py
+        --sweep); split contexts keep 64-token tiles."""
+        self._sms(device)
+        if self.decode_block_n is not None:
+            return {"block_n": self.decode_block_n, "num_warps": 4, "num_stages": 2}
+        if splits == 1 and self._big_smem:
+            return {"block_n": 128, "num_warps": 4, "num_stages": 2}
+        return {"block_n": 64, "num_warps": 4, "num_stages": 2}
 
     def splits_for(self, bs: int, num_kv_heads: int, device: torch.device) -> int:
         if self.num_kv_splits is not None:
@@ -123,9 +143,11 @@ class TritonBackend(AttentionBackend):
         table = batch.req_to_token.table
         if batch.is_decode:
             scratch = self._decode_scratch(t, h, d, q.device)
+            splits = self.splits_for(t, kvh, q.device)
             out = decode_attention(
                 q3, k_buf, v_buf, table, batch.req_pool_indices, batch.seq_lens, scratch,
-                layer.scaling, layer.sliding_window, num_splits=self.splits_for(t, kvh, q.device),
+                layer.scaling, layer.sliding_window, num_splits=splits,
+                **self._decode_tiles(splits, q.device),
             )
         else:
             meta: _ExtendMeta = batch.attn_metadata

@@ -35,7 +35,7 @@ def _decode_split_kernel(
     qk_scale, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_FP32: tl.constexpr,
-    INTERP: tl.constexpr,
+    INTERP: tl.constexpr, DIRECT: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -72,8 +72,10 @@ def _decode_split_kernel(
     lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))  # empty split -> -inf, weight 0
     out = acc / l_safe[:, None]
     o_off = b.to(tl.int64) * stride_mob + heads[:, None] * stride_moh + split * stride_mos + offs_d[None, :]
-    tl.store(mid_o + o_off, out, mask=h_mask[:, None] & d_mask[None, :])
-    tl.store(mid_lse + b.to(tl.int64) * stride_mlb + heads * stride_mlh + split, lse, mask=h_mask)
+    # DIRECT (one split): ``mid_o`` is the output itself, in q's dtype; nothing to merge.
+    tl.store(mid_o + o_off, out.to(mid_o.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :])
+    if not DIRECT:
+        tl.store(mid_lse + b.to(tl.int64) * stride_mlb + heads * stride_mlh + split, lse, mask=h_mask)
 
 
 @triton.jit
@@ -141,6 +143,8 @@ def decode_attention(
     sliding_window: int | None = None,
     num_splits: int = 16,
     block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Attention of ``q`` ``[B, H, D]`` (one token per request) over each request's context.
 
@@ -148,7 +152,8 @@ def decode_attention(
     pool (``KVPool.get_kv``; slot ``s`` is ``[s // page_size, s % page_size]``); request ``i`` owns
     row ``req_pool_indices[i]`` of ``table`` and its first ``seq_lens[i]`` entries (the new token's
     K/V already written). ``num_splits`` (a power of two) programs share each (request, KV head);
-    ``scratch`` (see :func:`decode_scratch`) must hold ``B * num_splits`` rows. Returns
+    ``scratch`` (see :func:`decode_scratch`) must hold ``B * num_splits`` rows; with one split the
+    first kernel writes the output directly (no scratch, no merge). Returns
     ``[B, H, D]`` in q's dtype. Issues no host synchronisation.
     """
     bs, num_heads, head_dim = q.shape
@@ -157,26 +162,37 @@ def decode_attention(
     group = num_heads // num_kv_heads
     if num_splits < 1 or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two, got {num_splits}")
-    rows = bs * num_splits
-    if scratch[1].numel() < rows * num_heads:
-        raise ValueError(f"decode scratch holds {scratch[1].numel() // num_heads} rows, batch {bs} x {num_splits} splits needs {rows}")
-    mid_o = scratch[0][: rows * num_heads * head_dim].view(bs, num_heads, num_splits, head_dim)
-    mid_lse = scratch[1][: rows * num_heads].view(bs, num_heads, num_splits)
     out = torch.empty((bs, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    direct = num_splits == 1
+    if direct:
+        mid_o, mid_lse = out.view(bs, num_heads, 1, head_dim), scratch[1]
+        mo_strides = (out.stride(0), out.stride(1), 0)
+        ml_strides = (0, 0)
+    else:
+        rows = bs * num_splits
+        if scratch[1].numel() < rows * num_heads:
+            raise ValueError(
+                f"decode scratch holds {scratch[1].numel() // num_heads} rows, batch {bs} x {num_splits} splits needs {rows}"
+            )
+        mid_o = scratch[0][: rows * num_heads * head_dim].view(bs, num_heads, num_splits, head_dim)
+        mid_lse = scratch[1][: rows * num_heads].view(bs, num_heads, num_splits)
+        mo_strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2))
+        ml_strides = (mid_lse.stride(0), mid_lse.stride(1))
     bd = block_d(head_dim)
     _decode_split_kernel[(bs, num_kv_heads, num_splits)](
         q, k_buf, v_buf, table, req_pool_indices, seq_lens, mid_o, mid_lse,
         q.stride(0), q.stride(1), stride_page, stride_tok, stride_kvh,
-        table.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        table.stride(0), *mo_strides, *ml_strides,
         scaling * LOG2E, sliding_window or NO_WINDOW,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=bd,
         BLOCK_N=block_n, PAGE_SIZE=page_size, NUM_SPLITS=num_splits, DOT_FP32=dot_in_fp32(q.dtype), INTERP=interpreting(),
-        num_warps=4, num_stages=2,
+        DIRECT=direct, num_warps=num_warps, num_stages=num_stages,
     )
-    _decode_merge_kernel[(bs, num_heads)](
-        mid_o, mid_lse, out,
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=bd, NUM_SPLITS=num_splits, num_warps=4,
-    )
+    if not direct:
+        _decode_merge_kernel[(bs, num_heads)](
+            mid_o, mid_lse, out,
+            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+            out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=bd, NUM_SPLITS=num_splits, num_warps=4,
+        )
     return out
