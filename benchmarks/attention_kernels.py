@@ -82,7 +82,7 @@ def decode_rows(batch_sizes: list[int], contexts: list[int], bw: float) -> list[
             req = torch.arange(bs, device="cuda")
             lens = torch.full((bs,), ctx, device="cuda")
             sms = torch.cuda.get_device_properties(0).multi_processor_count
-            splits = pick_num_splits(bs, KV_HEADS, 64, sms)  # what the backend picks for this batch
+            splits = pick_num_splits(bs, KV_HEADS, 32, sms)  # what the backend picks for this batch
             scratch = decode_scratch(bs * splits, HEADS, HEAD_DIM, torch.device("cuda"))
             ms = bench_ms(partial(decode_attention, q, k, v, table, req, lens, scratch, HEAD_DIM**-0.5,
                                   num_splits=splits))

@@ -63,7 +63,7 @@ class TritonBackend(AttentionBackend):
     name = "triton"
 
     def __init__(
-        self, num_kv_splits: int | None = None, fused_kv_store: bool = True, max_kv_splits: int = 64,
+        self, num_kv_splits: int | None = None, fused_kv_store: bool = True, max_kv_splits: int = 32,
         decode_block_n: int | None = None, **_: object,
     ) -> None:
         for name, n in (("num_kv_splits", num_kv_splits), ("max_kv_splits", max_kv_splits)):
