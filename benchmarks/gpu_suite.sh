@@ -10,10 +10,10 @@
 # a step that is killed leaves its log but no Markdown section. Weights are dummy (config.json
 # shapes written into $SGLANG_CACHE_DIR/bench), HF baselines are built with from_config: no download.
 #
-# Expected time per step on an H100 (estimates, not yet measured: compare with suite.log):
+# Time per step on an H100 (2026-11-22, suite.log: one_batch 77 s, offline-8b 122 s, shared_prefix 25 s):
 #   one_batch-8b     ~90 s  (limit 120): engine start + CUDA graphs ~30 s, ours ~20 s, HF bs 1/8/64 ~30 s
 #   offline-8b       ~150 s (limit 160): ours 1000x1024/256 ~45-70 s + nano 256 seqs ~15-25 s, HF 64 reqs ~30 s
-#   offline-qwen3    ~100 s (limit 120): ours ~30 s both workloads, HF 64 fixed + 8 nano reqs ~40 s
+#   offline-qwen3    ~80 s  (limit 120): ours ~35 s both workloads, HF 64 fixed ~20 s
 #   shared_prefix-8b ~50 s  (limit 70):  two engines (cache off, on), 64 requests each
 set -u
 : "${OUT:?set OUT to the folder for the results}"
@@ -48,9 +48,10 @@ step one_batch-8b 120 benchmarks/one_batch.py --device cuda --model-shape llama3
 step offline-8b 160 benchmarks/offline.py --device cuda --model-shape llama3-8b --workload fixed nano \
     --requests 1000 --input-len 1024 --output-len 256 --hf-requests 64 0 --hf-batch 64
 
-# 3. The same two workloads on the Qwen3-0.6B shape; HF on 64 fixed and the first 8 nano requests.
+# 3. The same two workloads on the Qwen3-0.6B shape; HF on 64 fixed requests (HF on nano's long
+#    outputs alone ran past the limit on 2026-11-22).
 step offline-qwen3-0.6b 120 benchmarks/offline.py --device cuda --model-shape qwen3-0.6b --workload fixed nano \
-    --requests 1000 --input-len 1024 --output-len 256 --hf-requests 64 8 --hf-batch 64
+    --requests 1000 --input-len 1024 --output-len 256 --hf-requests 64 0 --hf-batch 64
 
 # 4. Shared prefix on the 8B shape, radix cache off vs on (4 groups x 16 prompts, system 1024).
 step shared_prefix-8b 70 benchmarks/shared_prefix.py --device cuda --model-shape llama3-8b \

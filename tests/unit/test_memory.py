@@ -89,6 +89,9 @@ def test_kv_slots_grow_release(page_size: int) -> None:
     assert r1.pages == [1, 2, 3, 5]
     expect = [p * page_size + o for p in r1.pages for o in range(page_size)][: 3 * page_size + 1]
     assert kv.slots(r1, 0, 3 * page_size + 1).tolist() == expect
+    # The host-side slot (decode batches) equals the table's, position by position.
+    assert [kv.slot(r1, p) for p in range(3 * page_size + 1)] == expect
+    assert kv.slot(r2, 0) == kv.slots(r2, 0, 1).item() == 4 * page_size
     kv.check_integrity([r1, r2])
     kv.release(r1)
     assert r1.pages == [] and r1.row is None

@@ -129,9 +129,11 @@ class CudaGraphRunner:
         h[_POS, :n] = torch.tensor(inp.positions, dtype=torch.int64)
         h[_ROWS, :n] = torch.tensor(inp.req_rows, dtype=torch.int64)
         h[_LENS, :n] = torch.tensor([p + e for p, e in zip(inp.prefix_lens, inp.extend_lens, strict=True)])
-        h[_LOCS, :n] = 0
+        host_locs = inp.out_cache_loc.device.type == "cpu"
+        h[_LOCS, :n] = inp.out_cache_loc if host_locs else 0
         self.inputs[:, :bs].copy_(h[:, :bs], non_blocking=True)
-        self.inputs[_LOCS, :n].copy_(inp.out_cache_loc)  # already on the device (a req-to-token slice)
+        if not host_locs:  # already on the device (a req-to-token slice)
+            self.inputs[_LOCS, :n].copy_(inp.out_cache_loc)
         self._copied = torch.cuda.Event()
         self._copied.record()
         if inp.future_ids is not None:

@@ -32,7 +32,7 @@ class ModelInput:
     mode: ForwardMode
     input_ids: list[int]
     positions: list[int]
-    out_cache_loc: torch.Tensor  # [T] KV slots of the new tokens
+    out_cache_loc: torch.Tensor  # [T] KV slots of the new tokens (on the device, or on the host for decode)
     req_rows: list[int]  # req-to-token rows
     prefix_lens: list[int]
     extend_lens: list[int]
@@ -117,7 +117,8 @@ class ModelRunner:
             positions=to_device(inp.positions, torch.int64, dev),
             req_pool_indices=to_device(inp.req_rows, torch.int64, dev),
             seq_lens=to_device([p + e for p, e in zip(inp.prefix_lens, inp.extend_lens, strict=True)], torch.int64, dev),
-            out_cache_loc=inp.out_cache_loc.to(dev),
+            out_cache_loc=to_device(inp.out_cache_loc, torch.int64, dev) if inp.out_cache_loc.device != dev
+            else inp.out_cache_loc,
             prefix_lens_cpu=inp.prefix_lens,
             extend_lens_cpu=inp.extend_lens,
             kv_pool=self.kv_pool,

@@ -139,6 +139,12 @@ class KVSlots:
         assert req.row is not None
         return self.req_to_token.table[req.row, start:end]
 
+    def slot(self, req: Request, pos: int) -> int:
+        """The KV slot of ``req``'s token ``pos``, from its page list on the host: the same value
+        as ``slots(req, pos, pos + 1)`` (the table row is written from ``req.pages``), without a
+        device tensor per request (a decode batch of 256 built 256 slices and a cat: ~3 ms)."""
+        return req.pages[pos // self.page_size] * self.page_size + pos % self.page_size
+
     def release(self, req: Request, keep_in_cache: bool = True) -> None:
         """Drop ``req``'s KV: whole computed pages go to the cache (when enabled and asked), the
         rest are freed, the lock and the row are released, and ``num_computed`` becomes 0."""

@@ -338,19 +338,25 @@ class Scheduler:
         locs: list[torch.Tensor] = []
         logit_idx: list[int] = []
         off = 0
+        decode = batch.mode is ForwardMode.DECODE
         for e in batch.entries:
             ids.extend(e.req.tokens(e.start, e.end))
             pos.extend(range(e.start, e.end))
-            locs.append(self.kv.slots(e.req, e.start, e.end))
+            if not decode:
+                locs.append(self.kv.slots(e.req, e.start, e.end))
             logit_idx.extend(off + p - e.start for p in e.logprob_positions)
             if e.samples:
                 logit_idx.append(off + e.num_tokens - 1)
             off += e.num_tokens
+        # Decode: one slot per request, computed on the host (a CPU tensor the runner copies with
+        # its other inputs); extend: slices of the device table.
+        loc = (torch.tensor([self.kv.slot(e.req, e.start) for e in batch.entries], dtype=torch.int64)
+               if decode else torch.cat(locs))
         return ModelInput(
             mode=batch.mode,
             input_ids=ids,
             positions=pos,
-            out_cache_loc=torch.cat(locs),
+            out_cache_loc=loc,
             req_rows=[e.req.row for e in batch.entries],  # type: ignore[misc]
             prefix_lens=[e.start for e in batch.entries],
             extend_lens=[e.num_tokens for e in batch.entries],
