@@ -13,6 +13,8 @@ def to_device(values: Any, dtype: torch.dtype, device: torch.device | str) -> to
     on the stream, which would serialise the host with the GPU (and defeat overlap scheduling)."""
     dev = torch.device(device)
     if dev.type != "cuda":
+        if isinstance(values, torch.Tensor):
+            return values.to(device=dev, dtype=dtype)
         return torch.tensor(values, dtype=dtype, device=dev)
     host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     return host.to(dtype).pin_memory().to(dev, non_blocking=True)
