@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 from functools import partial
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -71,59 +72,63 @@ def paged_kv(seqs: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor, to
     return k, v, table
 
 
+def decode_inputs(bs: int, ctx: int) -> tuple[Any, ...]:
+    """One decode point: paged K/V, query, request rows and lengths (every request at ``ctx``)."""
+    k, v, table = paged_kv([ctx] * bs, seed=bs + ctx)
+    q = torch.randn((bs, HEADS, HEAD_DIM), device="cuda", dtype=torch.bfloat16)
+    return q, k, v, table, torch.arange(bs, device="cuda"), torch.full((bs,), ctx, device="cuda")
+
+
+def kv_bytes(bs: int, ctx: int) -> int:
+    return bs * ctx * 2 * KV_HEADS * HEAD_DIM * 2
+
+
+def engine_splits(bs: int) -> int:
+    """The split count the backend picks for this batch (``TritonBackend`` defaults)."""
+    from sglang.engine.attention.triton.decode import DEFAULT_MAX_KV_SPLITS, pick_num_splits
+
+    return pick_num_splits(bs, KV_HEADS, DEFAULT_MAX_KV_SPLITS, torch.cuda.get_device_properties(0).multi_processor_count)
+
+
 def decode_rows(batch_sizes: list[int], contexts: list[int], bw: float) -> list[list[Any]]:
-    from sglang.engine.attention.triton.decode import decode_attention, decode_scratch, pick_num_splits
+    from sglang.engine.attention.triton.decode import decode_attention, decode_scratch
 
     rows = []
-    for ctx in contexts:
-        for bs in batch_sizes:
-            k, v, table = paged_kv([ctx] * bs, seed=bs + ctx)
-            q = torch.randn((bs, HEADS, HEAD_DIM), device="cuda", dtype=torch.bfloat16)
-            req = torch.arange(bs, device="cuda")
-            lens = torch.full((bs,), ctx, device="cuda")
-            sms = torch.cuda.get_device_properties(0).multi_processor_count
-            splits = pick_num_splits(bs, KV_HEADS, 32, sms)  # what the backend picks for this batch
-            scratch = decode_scratch(bs * splits, HEADS, HEAD_DIM, torch.device("cuda"))
-            ms = bench_ms(partial(decode_attention, q, k, v, table, req, lens, scratch, HEAD_DIM**-0.5,
-                                  num_splits=splits))
-            native = native_decode_ms(q, k, v, table, lens)
-            gbs = bs * ctx * 2 * KV_HEADS * HEAD_DIM * 2 / ms / 1e6
-            rows.append([bs, ctx, splits, ms * 1e3, gbs, gbs / bw, native * 1e3, native / ms])
+    for ctx, bs in product(contexts, batch_sizes):
+        q, k, v, table, req, lens = decode_inputs(bs, ctx)
+        splits = engine_splits(bs)
+        scratch = decode_scratch(bs * splits, HEADS, HEAD_DIM, torch.device("cuda"))
+        ms = bench_ms(partial(decode_attention, q, k, v, table, req, lens, scratch, HEAD_DIM**-0.5, num_splits=splits))
+        native = native_decode_ms(q, k, v, table, lens)
+        gbs = kv_bytes(bs, ctx) / ms / 1e6
+        rows.append([bs, ctx, splits, ms * 1e3, gbs, gbs / bw, native * 1e3, native / ms])
     return rows
 
 
 def decode_sweep(batch_sizes: list[int], contexts: list[int], bw: float) -> list[list[Any]]:
-    """Every (block_n, num_warps, num_stages) of a small grid at the engine's split count: the
-    three fastest per point, to choose the kernel's launch parameters."""
-    from sglang.engine.attention.triton.decode import decode_attention, decode_scratch, pick_num_splits
+    """Every (block_n, num_warps, num_stages) of a small grid at the engine's split count and at
+    half and twice it: the three fastest per point, to choose the kernel's launch parameters."""
+    from sglang.engine.attention.triton.decode import decode_attention, decode_scratch
 
     rows = []
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for ctx in contexts:
-        for bs in batch_sizes:
-            k, v, table = paged_kv([ctx] * bs, seed=bs + ctx)
-            q = torch.randn((bs, HEADS, HEAD_DIM), device="cuda", dtype=torch.bfloat16)
-            req = torch.arange(bs, device="cuda")
-            lens = torch.full((bs,), ctx, device="cuda")
-            nbytes = bs * ctx * 2 * KV_HEADS * HEAD_DIM * 2
-            found = []
-            for splits in sorted({pick_num_splits(bs, KV_HEADS, 64, sms), max(1, pick_num_splits(bs, KV_HEADS, 64, sms) // 2),
-                                  min(64, 2 * pick_num_splits(bs, KV_HEADS, 64, sms))}):
-                scratch = decode_scratch(bs * splits, HEADS, HEAD_DIM, torch.device("cuda"))
-                for bn in (32, 64, 128):
-                    for warps in (4, 8):
-                        for stages in (2, 3, 4):
-                            fn = partial(decode_attention, q, k, v, table, req, lens, scratch, HEAD_DIM**-0.5,
-                                         num_splits=splits, block_n=bn, num_warps=warps, num_stages=stages)
-                            try:
-                                ms = bench_ms(fn)
-                            except Exception as e:  # e.g. out of shared memory
-                                print(f"skip bs {bs} ctx {ctx} {splits} {bn} {warps} {stages}: {type(e).__name__}")
-                                continue
-                            found.append((ms, splits, bn, warps, stages))
-            for ms, splits, bn, warps, stages in sorted(found)[:3]:
-                gbs = nbytes / ms / 1e6
-                rows.append([bs, ctx, splits, bn, warps, stages, ms * 1e3, gbs, gbs / bw])
+    for ctx, bs in product(contexts, batch_sizes):
+        q, k, v, table, req, lens = decode_inputs(bs, ctx)
+        base = engine_splits(bs)
+        found = []
+        for splits in sorted({max(1, base // 2), base, 2 * base}):
+            scratch = decode_scratch(bs * splits, HEADS, HEAD_DIM, torch.device("cuda"))
+            for bn, warps, stages in product((32, 64, 128), (4, 8), (2, 3, 4)):
+                fn = partial(decode_attention, q, k, v, table, req, lens, scratch, HEAD_DIM**-0.5,
+                             num_splits=splits, block_n=bn, num_warps=warps, num_stages=stages)
+                try:
+                    ms = bench_ms(fn)
+                except Exception as e:  # e.g. out of shared memory
+                    print(f"skip bs {bs} ctx {ctx} {splits} {bn} {warps} {stages}: {type(e).__name__}")
+                    continue
+                found.append((ms, splits, bn, warps, stages))
+        for ms, splits, bn, warps, stages in sorted(found)[:3]:
+            gbs = kv_bytes(bs, ctx) / ms / 1e6
+            rows.append([bs, ctx, splits, bn, warps, stages, ms * 1e3, gbs, gbs / bw])
     return rows
 
 

@@ -94,12 +94,12 @@ def test_layers_use_it_only_where_it_pays() -> None:
     from sglang.engine.layers import fused
 
     w = torch.zeros(8, 64)
-    assert fused.skinny_linear(torch.zeros(1, 64), w) is None  # CPU
+    assert fused.try_skinny_linear(torch.zeros(1, 64), w) is None  # CPU
     if torch.cuda.is_available():
         big = torch.zeros(4096, 4096, dtype=torch.bfloat16, device="cuda")
-        assert fused.skinny_linear(torch.zeros(17, 4096, dtype=torch.bfloat16, device="cuda"), big) is None
+        assert fused.try_skinny_linear(torch.zeros(17, 4096, dtype=torch.bfloat16, device="cuda"), big) is None
         small = torch.zeros(1024, 2048, dtype=torch.bfloat16, device="cuda")
-        assert fused.skinny_linear(torch.zeros(1, 2048, dtype=torch.bfloat16, device="cuda"), small) is None
+        assert fused.try_skinny_linear(torch.zeros(1, 2048, dtype=torch.bfloat16, device="cuda"), small) is None
 
 
 @pytest.mark.gpu
@@ -117,11 +117,11 @@ def test_8b_decode_shapes_cuda(m: int, n: int, k: int) -> None:
         gen = torch.Generator(device="cuda").manual_seed(m + n)
         x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
         w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
-        out = fused.skinny_linear(x, w)
+        out = fused.try_skinny_linear(x, w)
         assert out is not None
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            out = fused.skinny_linear(x, w)
+            out = fused.try_skinny_linear(x, w)
         x.copy_(torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16))
         g.replay()
         ref = F.linear(x.float(), w.float()).to(torch.bfloat16).float()

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sglang.engine.layers.fused import skinny_linear
+from sglang.engine.layers.fused import try_skinny_linear
 
 
 class VocabEmbedding(nn.Module):
@@ -54,7 +54,7 @@ class LMHead(nn.Module):
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=dtype), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        y = skinny_linear(hidden, self.weight, out_dtype=torch.float32)  # decode batches on CUDA
+        y = try_skinny_linear(hidden, self.weight, out_dtype=torch.float32)  # decode batches on CUDA
         return y if y is not None else F.linear(hidden, self.weight).float()
 
     def extra_repr(self) -> str:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sglang.engine.layers.fused import skinny_linear
+from sglang.engine.layers.fused import try_skinny_linear
 
 
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
@@ -40,7 +40,7 @@ class Linear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = skinny_linear(x, self.weight, self.bias)  # decode batches on CUDA (None elsewhere)
+        y = try_skinny_linear(x, self.weight, self.bias)  # decode batches on CUDA (None elsewhere)
         return y if y is not None else F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -117,8 +117,7 @@ class ModelRunner:
             positions=to_device(inp.positions, torch.int64, dev),
             req_pool_indices=to_device(inp.req_rows, torch.int64, dev),
             seq_lens=to_device([p + e for p, e in zip(inp.prefix_lens, inp.extend_lens, strict=True)], torch.int64, dev),
-            out_cache_loc=to_device(inp.out_cache_loc, torch.int64, dev) if inp.out_cache_loc.device.type == "cpu"
-            else inp.out_cache_loc,
+            out_cache_loc=to_device(inp.out_cache_loc, torch.int64, dev),
             prefix_lens_cpu=inp.prefix_lens,
             extend_lens_cpu=inp.extend_lens,
             kv_pool=self.kv_pool,

@@ -10,6 +10,7 @@ import torch
 from sglang.engine.attention.base import AttentionBackend, AttentionLayerSpec
 from sglang.engine.attention.triton.common import interpreting
 from sglang.engine.attention.triton.decode import (
+    DEFAULT_MAX_KV_SPLITS,
     decode_attention,
     decode_scratch,
     pick_num_splits,
@@ -63,7 +64,7 @@ class TritonBackend(AttentionBackend):
     name = "triton"
 
     def __init__(
-        self, num_kv_splits: int | None = None, fused_kv_store: bool = True, max_kv_splits: int = 32,
+        self, num_kv_splits: int | None = None, fused_kv_store: bool = True, max_kv_splits: int = DEFAULT_MAX_KV_SPLITS,
         decode_block_n: int | None = None, **_: object,
     ) -> None:
         for name, n in (("num_kv_splits", num_kv_splits), ("max_kv_splits", max_kv_splits)):
@@ -76,39 +77,34 @@ class TritonBackend(AttentionBackend):
         # (num_heads, head_dim) -> flat (mid_o [rows * H * D], mid_lse [rows * H]) float32
         self._scratch: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._max_bs = 0
-        self._sm_count: int | None = None
-        self._big_smem = False
+        self._caps: tuple[int, bool] | None = None  # (SM count, >= 160 KiB shared memory per block)
         self.decode_block_n = decode_block_n  # None: 128 for one split where shared memory allows, else 64
 
-    def _sms(self, device: torch.device) -> int:
-        if self._sm_count is None:
+    def _device_caps(self, device: torch.device) -> tuple[int, bool]:
+        if self._caps is None:
             if device.type == "cuda":
                 props = torch.cuda.get_device_properties(device)
-                self._sm_count = props.multi_processor_count
-                self._big_smem = getattr(props, "shared_memory_per_block_optin", 0) >= 160 * 1024
-            else:
-                self._sm_count = 4
-        return self._sm_count
+                self._caps = (props.multi_processor_count,
+                              getattr(props, "shared_memory_per_block_optin", 0) >= 160 * 1024)
+            else:  # the interpreter: a small GPU's worth of programs
+                self._caps = (4, False)
+        return self._caps
 
     def _decode_tiles(self, splits: int, device: torch.device) -> dict[str, int]:
         """Launch parameters of the decode kernel: whole contexts per program (one split, large
         batches) stream 128-token tiles, which needs ~128 KiB of shared memory (H100: 0.95-0.99 of
         the copy bandwidth at batch 256 vs 0.75-0.79 with 64-token tiles, benchmarks/attention_kernels.py
         --sweep); split contexts keep 64-token tiles."""
-        self._sms(device)
-        if self.decode_block_n is not None:
-            return {"block_n": self.decode_block_n, "num_warps": 4, "num_stages": 2}
-        if splits == 1 and self._big_smem:
-            return {"block_n": 128, "num_warps": 4, "num_stages": 2}
-        return {"block_n": 64, "num_warps": 4, "num_stages": 2}
+        block_n = self.decode_block_n or (128 if splits == 1 and self._device_caps(device)[1] else 64)
+        return {"block_n": block_n, "num_warps": 4, "num_stages": 2}
 
     def splits_for(self, bs: int, num_kv_heads: int, device: torch.device) -> int:
         if self.num_kv_splits is not None:
             return self.num_kv_splits
-        return pick_num_splits(bs, num_kv_heads, self.max_kv_splits, self._sms(device))
+        return pick_num_splits(bs, num_kv_heads, self.max_kv_splits, self._device_caps(device)[0])
 
     def _rows(self, max_bs: int, device: torch.device) -> int:
-        return scratch_rows(max_bs, self.max_kv_splits, self._sms(device), fixed=self.num_kv_splits is not None)
+        return scratch_rows(max_bs, self.max_kv_splits, self._device_caps(device)[0], fixed=self.num_kv_splits is not None)
 
     def init_cuda_graph_state(self, max_bs: int, num_heads: int, head_dim: int, device: torch.device | str) -> None:
         """Preallocate the decode scratch for up to ``max_bs`` requests (call before capture)."""

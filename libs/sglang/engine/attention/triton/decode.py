@@ -103,12 +103,14 @@ def _decode_merge_kernel(
     tl.store(out_ptr + b * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
+DEFAULT_MAX_KV_SPLITS = 32  # the fastest at batch 1 in benchmarks/attention_kernels.py --sweep (H100)
+
+
 def pick_num_splits(bs: int, num_kv_heads: int, max_splits: int, sm_count: int) -> int:
     """KV splits per (request, KV head) for a decode batch of ``bs``: the largest power of two up
     to ``max_splits`` that keeps ``bs * num_kv_heads * splits`` within ``8 * sm_count`` programs
     (at least 1). Small batches spread each context over many programs (batch 1 on an H100 with
-    the backend's default ``max_splits`` 32: 256 programs, the fastest in ``attention_kernels.py
-    --sweep``); large batches have enough (request, head) pairs and stream whole
+    ``DEFAULT_MAX_KV_SPLITS``: 256 programs); large batches have enough (request, head) pairs and stream whole
     contexts, which saves the partial outputs' traffic. Depends only on the batch size, so a
     CUDA graph per batch size stays valid."""
     target = 8 * sm_count

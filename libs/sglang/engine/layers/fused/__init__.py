@@ -13,12 +13,12 @@ import os
 
 import torch
 
-MAX_NORM_HIDDEN = 32768
+MAX_NORM_HIDDEN = 32768  # the fused RMSNorm holds a whole row in one program's registers
 # The skinny matmul replaces cuBLAS for decode batches of at most SKINNY_MAX_ROWS rows and weights
 # of at least SKINNY_MIN_WEIGHT elements: there it reads weights faster (benchmarks/gemv.py, H100);
 # on smaller weights cuBLAS is as fast or faster.
 SKINNY_MAX_ROWS = 16
-SKINNY_MIN_WEIGHT = 16 * 2**20  # the fused RMSNorm holds a whole row in one program's registers
+SKINNY_MIN_WEIGHT = 16 * 2**20
 _enabled: bool | None = None  # None: not decided yet
 
 
@@ -36,7 +36,7 @@ def use_fused(x: torch.Tensor) -> bool:
     return _enabled
 
 
-def skinny_linear(
+def try_skinny_linear(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor | None:
     """``F.linear(x, w, bias)`` (as ``out_dtype``) by the Triton skinny matmul when it pays for
@@ -45,9 +45,10 @@ def skinny_linear(
         return None
     from sglang.engine.layers.fused import gemv
 
-    if not gemv.supported(x, w) or (bias is not None and bias.dtype != x.dtype):
+    cfg = gemv.default_config(x.shape[0], w.shape[0], x.shape[1])
+    if not gemv.supported(x, w, cfg) or (bias is not None and bias.dtype != x.dtype):
         return None
-    return gemv.skinny_linear(x, w, bias, out_dtype=out_dtype)
+    return gemv.skinny_linear(x, w, bias, cfg=cfg, out_dtype=out_dtype)
 
 
 def set_fused_ops(enabled: bool | None) -> None:
