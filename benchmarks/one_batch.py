@@ -329,13 +329,20 @@ def profile_point(engine: Any, prompts: list[list[int]], steps: int) -> str:
         for r in reqs:
             s.add_request(r)
         lines = [f"### Profile: batch {bs}, input {in_len}", ""]
-        with profile(activities=[ProfilerActivity.CPU]) as prof, phase_timers(s) as timer:
+        on_gpu = torch.cuda.is_available() and s.runner.device.type == "cuda"
+        acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
+        with profile(activities=acts) as prof, phase_timers(s) as timer:
             t0 = time.perf_counter()
             s.step()  # prefill
+            if on_gpu:
+                torch.cuda.synchronize()
             wall = time.perf_counter() - t0
         lines += ["Prefill step, phases (the profiler runs too, so times are inflated a little):", ""]
         lines += [_phase_table(timer, wall, 1), "", "Prefill step, top operators (torch.profiler):", ""]
         lines += [op_table(prof, 12), ""]
+        if on_gpu:
+            lines += ["Prefill step on the GPU (torch.profiler, CUDA kernels):", "",
+                      gpu_kernel_table(prof, 1, wall, 25), ""]
 
         while any(not r.output_ids for r in reqs):  # the rest of a prefill split into chunks
             s.step()
@@ -352,11 +359,9 @@ def profile_point(engine: Any, prompts: list[list[int]], steps: int) -> str:
                 s.step()
         lines += ["Decode, top operators over 2 steps (torch.profiler):", "", op_table(prof, 15), ""]
 
-        if torch.cuda.is_available() and s.runner.device.type == "cuda":
-            from torch.profiler import ProfilerActivity as PA
-
+        if on_gpu:
             torch.cuda.synchronize()
-            with profile(activities=[PA.CPU, PA.CUDA]) as prof:
+            with profile(activities=acts) as prof:
                 t0 = time.perf_counter()
                 for _ in range(steps):
                     s.step()
