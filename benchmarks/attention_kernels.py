@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_section, markdown_table  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
-EXTEND_POINTS = [(1, 0, 4096), (4, 0, 2048), (16, 0, 512), (8, 2048, 512), (1, 7168, 1024)]  # (batch, prefix, extend)
+EXTEND_POINTS = [(1, 0, 4096), (4, 0, 2048), (8, 0, 1024), (16, 0, 512), (8, 2048, 512), (1, 7168, 1024)]  # (batch, prefix, extend)
 
 
 def bench_ms(fn: Any) -> float:
@@ -156,18 +156,55 @@ def native_decode_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: t
 
 
 def extend_rows(tflops_peak: float) -> list[list[Any]]:
-    from sglang.engine.attention.triton.extend import extend_attention, extend_tiles
+    from sglang.engine.attention.triton.extend import extend_attention, extend_config
 
+    cfg = extend_config(torch.device("cuda"))
     rows = []
     for bs, prefix, ext in EXTEND_POINTS:
-        k, v, table = paged_kv([prefix + ext] * bs, seed=bs + prefix + ext)
-        q = torch.randn((bs * ext, HEADS, HEAD_DIM), device="cuda", dtype=torch.bfloat16)
-        tiles = extend_tiles(list(range(bs)), [prefix] * bs, [ext] * bs, HEADS // KV_HEADS, torch.device("cuda"))
-        ms = bench_ms(partial(extend_attention, q, k, v, table, tiles, HEAD_DIM**-0.5))
+        q, k, v, table, tiles = extend_inputs(bs, prefix, ext, cfg["block_rows_"])
+        ms = bench_ms(partial(extend_attention, q, k, v, table, tiles, HEAD_DIM**-0.5, **cfg))
         keys_seen = bs * sum(prefix + i + 1 for i in range(ext))
         tflops = 4 * HEADS * HEAD_DIM * keys_seen / ms / 1e9
         rows.append([bs, prefix, ext, ms * 1e3, tflops, tflops / tflops_peak])
     return rows
+
+
+def extend_inputs(bs: int, prefix: int, ext: int, rows: int) -> tuple[Any, ...]:
+    from sglang.engine.attention.triton.extend import extend_tiles
+
+    k, v, table = paged_kv([prefix + ext] * bs, seed=bs + prefix + ext)
+    q = torch.randn((bs * ext, HEADS, HEAD_DIM), device="cuda", dtype=torch.bfloat16)
+    tiles = extend_tiles(list(range(bs)), [prefix] * bs, [ext] * bs, HEADS // KV_HEADS, torch.device("cuda"), rows)
+    return q, k, v, table, tiles
+
+
+def extend_sweep(tflops_peak: float) -> list[list[Any]]:
+    """Every (query rows, block_n, num_warps, num_stages) of a small grid: the three fastest per
+    extend point, plus the engine's default, to choose the extend kernel's launch parameters."""
+    from sglang.engine.attention.triton.extend import extend_attention, extend_config
+
+    default = extend_config(torch.device("cuda"))
+    out = []
+    for bs, prefix, ext in [(8, 0, 1024), (1, 0, 4096), (8, 2048, 512)]:
+        keys_seen = bs * sum(prefix + i + 1 for i in range(ext))
+        found = []
+        for rows, bn, warps, stages in product((64, 128), (32, 64), (4, 8), (2, 3)):
+            q, k, v, table, tiles = extend_inputs(bs, prefix, ext, rows)
+            fn = partial(extend_attention, q, k, v, table, tiles, HEAD_DIM**-0.5,
+                         block_rows_=rows, block_n=bn, num_warps=warps, num_stages=stages)
+            try:
+                ms = bench_ms(fn)
+            except Exception as e:  # e.g. out of shared memory or registers
+                print(f"skip extend {bs}/{prefix}/{ext} {rows} {bn} {warps} {stages}: {type(e).__name__}")
+                continue
+            found.append((ms, rows, bn, warps, stages))
+        cfg = (default["block_rows_"], default["block_n"], default["num_warps"], default["num_stages"])
+        picked = sorted(found)[:3] + [f for f in found if f[1:] == cfg]
+        for ms, rows, bn, warps, stages in picked:
+            tflops = 4 * HEADS * HEAD_DIM * keys_seen / ms / 1e9
+            tag = " (default)" if (rows, bn, warps, stages) == cfg else ""
+            out.append([f"{bs}/{prefix}/{ext}{tag}", rows, bn, warps, stages, ms * 1e3, tflops, tflops / tflops_peak])
+    return out
 
 
 def main() -> None:
@@ -176,6 +213,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--out", help="append the tables to this Markdown file")
     ap.add_argument("--sweep", action="store_true", help="time a grid of decode launch parameters instead")
+    ap.add_argument("--sweep-extend", action="store_true", help="time a grid of extend launch parameters instead")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("attention_kernels.py needs a CUDA GPU")
@@ -187,6 +225,13 @@ def main() -> None:
         f"measured copy {bw:.0f} GB/s, bf16 matmul {peak:.0f} TFLOP/s\n\n"
         f"Shape: {HEADS} q heads, {KV_HEADS} KV heads, head_dim {HEAD_DIM}, bf16, page {PAGE} (shuffled)\n"
     )
+    if args.sweep_extend:
+        sweep = markdown_table(["batch/prefix/extend", "rows", "block_n", "warps", "stages", "us", "TFLOP/s", "of matmul"],
+                               extend_sweep(peak))
+        print(sweep)
+        if args.out:
+            append_section(args.out, "Extend kernel sweep (triton)", header + "\n" + sweep)
+        return
     decode = markdown_table(
         ["batch", "context", "splits", "triton us", "KV GB/s", "of copy", "torch_native us", "speedup"],
         decode_rows(args.batch_size, args.context, bw),

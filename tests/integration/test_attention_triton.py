@@ -48,6 +48,7 @@ def attention_case(
     window: int | None = None,
     num_kv_splits: int | None = None,
     decode_block_n: int | None = None,
+    extend_launch: dict[str, int] | None = None,
     seed: int = 0,
 ) -> float:
     """Max |triton - torch_native| over one layer's forward of a batch built from the lengths."""
@@ -95,7 +96,7 @@ def attention_case(
         return backend.forward(q, k, v, layer, batch)
 
     ref = run(TorchNativeBackend())
-    got = run(TritonBackend(num_kv_splits=num_kv_splits, decode_block_n=decode_block_n))
+    got = run(TritonBackend(num_kv_splits=num_kv_splits, decode_block_n=decode_block_n, extend_launch=extend_launch))
     assert got.shape == ref.shape and got.dtype == ref.dtype
     return float((got.float() - ref.float()).abs().max())
 
@@ -205,6 +206,25 @@ def test_decode_tile_sizes(run: Run, device: str, splits: int, block_n: int, dty
     err = run(
         "attention_case", dtype=dtype, decode=True, prefix_lens=[s - 1 for s in seqs], extend_lens=[1] * len(seqs),
         page_size=16, group=4, head_dim=128, num_kv_splits=splits, decode_block_n=block_n,
+    )
+    assert err < ATOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("rows", "block_n", "stages", "window", "page_size", "dtype"), [
+    (128, 32, 3, None, 1, "bfloat16"), (128, 32, 3, 33, 16, "float32"), (64, 64, 2, None, 16, "float32"),
+    (128, 64, 2, 1, 1, "float32"),
+])
+def test_extend_launch_configs(
+    run: Run, device: str, rows: int, block_n: int, stages: int, window: int | None, page_size: int, dtype: str
+) -> None:
+    """Extend tiles of 64 and 128 query rows with 32- and 64-key steps (the masked first and last
+    tiles and the unmasked ones between them), with and without sliding windows."""
+    pre, ext = zip(*EXTEND_LENS[device], strict=True)
+    err = run(
+        "attention_case", dtype=dtype, decode=False, prefix_lens=list(pre), extend_lens=list(ext),
+        page_size=page_size, group=4, head_dim=128, window=window,
+        extend_launch={"block_rows_": rows, "block_n": block_n, "num_warps": 4, "num_stages": stages},
     )
     assert err < ATOL[dtype]
 
@@ -339,6 +359,7 @@ def test_kernels_compile_for_sm90(dtype: str) -> None:
         (decode._decode_split_kernel, {"GROUP": 4, "BLOCK_H": 16, "NUM_SPLITS": 1, "DIRECT": True,
                                        **common}),
         (extend._extend_kernel, {"GROUP": 4, "BLOCK_R": 64, **common}),
+        (extend._extend_kernel, {"GROUP": 4, "BLOCK_R": 128, **common, "BLOCK_N": 32}),
         (decode._decode_merge_kernel, {"HEAD_DIM": 128, "BLOCK_D": 128, "NUM_SPLITS": 16}),
     ]
     pointers = {"q_ptr": dtype, "k_buf": dtype, "v_buf": dtype, "out_ptr": dtype, "table_ptr": "i64",

@@ -208,10 +208,12 @@ def test_kernels_compile_for_sm90() -> None:
         kernels: list[tuple[Any, dict[str, Any], dict[str, str], int]] = [
             (triton_ops._rmsnorm_kernel, {"HAS_RESIDUAL": True, "BLOCK": 8192}, {"eps": "fp32"}, 16),
             (triton_ops._rmsnorm_kernel, {"HAS_RESIDUAL": False, "BLOCK": 1024}, {"eps": "fp32"}, 2),
-            (triton_ops._rotary_kernel, {"HEAD_DIM": 128, "HALF": 32, "BLOCK_HALF": 32, "PASS": 64, "BLOCK_PASS": 64},
-             {"pos_ptr": "*i64", "cache_ptr": "*fp32"}, 1),
-            (triton_ops._rotary_kernel, {"HEAD_DIM": 80, "HALF": 40, "BLOCK_HALF": 64, "PASS": 0, "BLOCK_PASS": 1},
-             {"pos_ptr": "*i64", "cache_ptr": "*fp32"}, 1),
+            (triton_ops._rotary_kernel, {"HEAD_DIM": 128, "HALF": 32, "BLOCK_HALF": 32, "BLOCK_HQ": 32, "BLOCK_HK": 8,
+                                         "PASS": 64, "BLOCK_PASS": 64},
+             {"pos_ptr": "*i64", "cache_ptr": "*fp32"}, 4),
+            (triton_ops._rotary_kernel, {"HEAD_DIM": 80, "HALF": 40, "BLOCK_HALF": 64, "BLOCK_HQ": 16, "BLOCK_HK": 2,
+                                         "PASS": 0, "BLOCK_PASS": 1},
+             {"pos_ptr": "*i64", "cache_ptr": "*fp32"}, 4),
             (triton_ops._silu_and_mul_kernel, {"BLOCK": 1024}, {}, 4),
         ]
         for kernel, consts, special, warps in kernels:

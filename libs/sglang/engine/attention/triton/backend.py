@@ -16,7 +16,7 @@ from sglang.engine.attention.triton.decode import (
     pick_num_splits,
     scratch_rows,
 )
-from sglang.engine.attention.triton.extend import extend_attention, extend_tiles
+from sglang.engine.attention.triton.extend import extend_attention, extend_config, extend_tiles
 from sglang.engine.attention.triton.store import store_kv
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ class TritonBackend(AttentionBackend):
 
     def __init__(
         self, num_kv_splits: int | None = None, fused_kv_store: bool = True, max_kv_splits: int = DEFAULT_MAX_KV_SPLITS,
-        decode_block_n: int | None = None, **_: object,
+        decode_block_n: int | None = None, extend_launch: dict[str, int] | None = None, **_: object,
     ) -> None:
         for name, n in (("num_kv_splits", num_kv_splits), ("max_kv_splits", max_kv_splits)):
             if n is not None and (n < 1 or n & (n - 1)):
@@ -79,6 +79,8 @@ class TritonBackend(AttentionBackend):
         self._max_bs = 0
         self._caps: tuple[int, bool] | None = None  # (SM count, >= 160 KiB shared memory per block)
         self.decode_block_n = decode_block_n  # None: 128 for one split where shared memory allows, else 64
+        # extend_attention's launch keywords; None: extend_config(device) on first use
+        self._extend: dict[str, int] | None = dict(extend_launch) if extend_launch else None
 
     def _device_caps(self, device: torch.device) -> tuple[int, bool]:
         if self._caps is None:
@@ -97,6 +99,11 @@ class TritonBackend(AttentionBackend):
         --sweep); split contexts keep 64-token tiles."""
         block_n = self.decode_block_n or (128 if splits == 1 and self._device_caps(device)[1] else 64)
         return {"block_n": block_n, "num_warps": 4, "num_stages": 2}
+
+    def _extend_cfg(self, device: torch.device) -> dict[str, int]:
+        if self._extend is None:
+            self._extend = extend_config(device)
+        return self._extend
 
     def splits_for(self, bs: int, num_kv_heads: int, device: torch.device) -> int:
         if self.num_kv_splits is not None:
@@ -148,11 +155,13 @@ class TritonBackend(AttentionBackend):
         else:
             meta: _ExtendMeta = batch.attn_metadata
             group = h // kvh
+            cfg = self._extend_cfg(q.device)
             tiles = meta.tiles.get(group)
             if tiles is None:
-                tiles = extend_tiles(meta.rows, batch.prefix_lens_cpu, batch.extend_lens_cpu, group, q.device)
+                tiles = extend_tiles(meta.rows, batch.prefix_lens_cpu, batch.extend_lens_cpu, group, q.device,
+                                     cfg["block_rows_"])
                 meta.tiles[group] = tiles
-            out = extend_attention(q3, k_buf, v_buf, table, tiles, layer.scaling, layer.sliding_window)
+            out = extend_attention(q3, k_buf, v_buf, table, tiles, layer.scaling, layer.sliding_window, **cfg)
         return out.view(t, h * d)
 
     def _decode_scratch(

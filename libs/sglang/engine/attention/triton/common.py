@@ -39,31 +39,41 @@ def block_d(head_dim: int) -> int:
 @triton.jit
 def attend_tile(
     q, m_i, l_i, acc, table_row, offs_n, n_mask, score_mask, k_base, v_base, stride_page, stride_tok,
-    offs_d, d_mask, qk_scale, PAGE_SIZE: tl.constexpr, DOT_FP32: tl.constexpr,
+    offs_d, d_mask, qk_scale, PAGE_SIZE: tl.constexpr, DOT_FP32: tl.constexpr, MASKED: tl.constexpr = True,
 ):
     """One online-softmax step of query rows ``q`` ``[R, BLOCK_D]`` over the keys at positions
     ``offs_n`` ``[BLOCK_N]``, gathered by slot from ``table_row``. ``n_mask`` says which positions
     exist, ``score_mask`` ``[R, BLOCK_N]`` which (row, key) pairs attend. Scores are in base 2
     (``qk_scale`` includes log2 e); running maxima start finite so fully masked rows stay at 0.
     Slot ``s`` lives at ``(s // PAGE_SIZE) * stride_page + (s % PAGE_SIZE) * stride_tok`` from the
-    layer's K (V) base plus the head offset, in the page-major pool (``KVPool.get_kv``)."""
-    slots = tl.load(table_row + offs_n, mask=n_mask, other=0).to(tl.int64)
+    layer's K (V) base plus the head offset, in the page-major pool (``KVPool.get_kv``).
+    ``MASKED=False``: every key of the tile exists and every row sees it (no mask is applied)."""
+    if MASKED:
+        slots = tl.load(table_row + offs_n, mask=n_mask, other=0).to(tl.int64)
+    else:
+        slots = tl.load(table_row + offs_n).to(tl.int64)
     tok = (slots // PAGE_SIZE) * stride_page + (slots % PAGE_SIZE) * stride_tok
-    k = tl.load(
-        k_base + tok[None, :] + offs_d[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0
-    ).to(q.dtype)  # [BLOCK_D, BLOCK_N]
+    if MASKED:
+        k = tl.load(k_base + tok[None, :] + offs_d[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + tok[None, :] + offs_d[:, None], mask=d_mask[:, None], other=0.0)
+    k = k.to(q.dtype)  # [BLOCK_D, BLOCK_N]
     if DOT_FP32:
         s = tl.dot(q, k, input_precision="ieee")
     else:
         s = tl.dot(q, k)
-    s = tl.where(score_mask, s * qk_scale, float("-inf"))
+    if MASKED:
+        s = tl.where(score_mask, s * qk_scale, float("-inf"))
+    else:
+        s = s * qk_scale
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(
-        v_base + tok[:, None] + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0
-    )  # [BLOCK_N, BLOCK_D]
+    if MASKED:
+        v = tl.load(v_base + tok[:, None] + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    else:
+        v = tl.load(v_base + tok[:, None] + offs_d[None, :], mask=d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
     if DOT_FP32:
         pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
     else:
@@ -75,42 +85,83 @@ def attend_tile(
 def _attend_step(
     q, m_i, l_i, acc, n0, hi, q_pos, r_mask, window, table_row, k_base, v_base, stride_page, stride_tok,
     offs_d, d_mask, qk_scale, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < hi
-    seen = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] > q_pos[:, None] - window)
+    if MASKED:
+        n_mask = offs_n < hi
+        seen = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] > q_pos[:, None] - window)
+        score_mask = seen & n_mask[None, :] & r_mask[:, None]
+    else:  # unused by attend_tile
+        n_mask = r_mask
+        score_mask = r_mask[:, None]
     return attend_tile(
-        q, m_i, l_i, acc, table_row, offs_n, n_mask, seen & n_mask[None, :] & r_mask[:, None],
-        k_base, v_base, stride_page, stride_tok, offs_d, d_mask, qk_scale, PAGE_SIZE, DOT_FP32,
+        q, m_i, l_i, acc, table_row, offs_n, n_mask, score_mask,
+        k_base, v_base, stride_page, stride_tok, offs_d, d_mask, qk_scale, PAGE_SIZE, DOT_FP32, MASKED,
     )
 
 
 @triton.jit
-def attend_range(
-    q, q_pos, r_mask, lo, hi, window, table_row, k_base, v_base, stride_page, stride_tok, offs_d, d_mask, qk_scale,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    DOT_FP32: tl.constexpr, INTERP: tl.constexpr,
+def _attend_loop(
+    q, m_i, l_i, acc, lo, hi, end, q_pos, r_mask, window, table_row, k_base, v_base, stride_page, stride_tok,
+    offs_d, d_mask, qk_scale, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_FP32: tl.constexpr,
+    INTERP: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """Online softmax of query rows ``q`` (at positions ``q_pos``, valid where ``r_mask``) over the
-    key positions ``lo .. hi``: causal, and limited to the last ``window`` tokens of each row.
-    Returns the running max, sum and unnormalised output ``(m [R], l [R], acc [R, BLOCK_D])``."""
-    m_i = tl.full([ROWS], NEG, tl.float32)
-    l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    """Tiles starting at ``lo, lo + BLOCK_N, ...`` below ``hi``; keys at or past ``end`` do not exist."""
     if INTERP:
         n0 = lo
         while n0 < hi:
             m_i, l_i, acc = _attend_step(
-                q, m_i, l_i, acc, n0, hi, q_pos, r_mask, window, table_row, k_base, v_base, stride_page,
-                stride_tok, offs_d, d_mask, qk_scale, PAGE_SIZE, BLOCK_N, DOT_FP32,
+                q, m_i, l_i, acc, n0, end, q_pos, r_mask, window, table_row, k_base, v_base, stride_page,
+                stride_tok, offs_d, d_mask, qk_scale, PAGE_SIZE, BLOCK_N, DOT_FP32, MASKED,
             )
             n0 += BLOCK_N
     else:
         for n0 in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _attend_step(
-                q, m_i, l_i, acc, n0, hi, q_pos, r_mask, window, table_row, k_base, v_base, stride_page,
-                stride_tok, offs_d, d_mask, qk_scale, PAGE_SIZE, BLOCK_N, DOT_FP32,
+                q, m_i, l_i, acc, n0, end, q_pos, r_mask, window, table_row, k_base, v_base, stride_page,
+                stride_tok, offs_d, d_mask, qk_scale, PAGE_SIZE, BLOCK_N, DOT_FP32, MASKED,
             )
+    return m_i, l_i, acc
+
+
+@triton.jit
+def attend_range(
+    q, q_pos, r_mask, lo, hi, vis_lo, vis_hi, window, table_row, k_base, v_base, stride_page, stride_tok, offs_d,
+    d_mask, qk_scale, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr, INTERP: tl.constexpr, SKIP_MASKS: tl.constexpr = True,
+):
+    """Online softmax of query rows ``q`` (at positions ``q_pos``, valid where ``r_mask``) over the
+    key positions ``lo .. hi``: causal, and limited to the last ``window`` tokens of each row.
+    Every row sees every key in ``vis_lo .. vis_hi``: with ``SKIP_MASKS`` the whole tiles inside
+    that range skip the masks (extend, which is compute-bound), the tiles before and after it
+    apply them; without it one masked loop covers the range (decode: memory-bound, and a third of
+    the code to compile).
+    Returns the running max, sum and unnormalised output ``(m [R], l [R], acc [R, BLOCK_D])``."""
+    m_i = tl.full([ROWS], NEG, tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    if SKIP_MASKS:
+        # Tile starts stay on the lo + k * BLOCK_N grid: [lo, a) masked, [a, b) unmasked, [b, hi) masked.
+        a = tl.minimum(lo + tl.cdiv(tl.maximum(vis_lo - lo, 0), BLOCK_N) * BLOCK_N, hi)
+        b = tl.maximum(a + (tl.maximum(tl.minimum(vis_hi, hi) - a, 0) // BLOCK_N) * BLOCK_N, a)
+        m_i, l_i, acc = _attend_loop(
+            q, m_i, l_i, acc, lo, a, hi, q_pos, r_mask, window, table_row, k_base, v_base, stride_page, stride_tok,
+            offs_d, d_mask, qk_scale, BLOCK_N, PAGE_SIZE, DOT_FP32, INTERP, True,
+        )
+        m_i, l_i, acc = _attend_loop(
+            q, m_i, l_i, acc, a, b, hi, q_pos, r_mask, window, table_row, k_base, v_base, stride_page, stride_tok,
+            offs_d, d_mask, qk_scale, BLOCK_N, PAGE_SIZE, DOT_FP32, INTERP, False,
+        )
+        m_i, l_i, acc = _attend_loop(
+            q, m_i, l_i, acc, b, hi, hi, q_pos, r_mask, window, table_row, k_base, v_base, stride_page, stride_tok,
+            offs_d, d_mask, qk_scale, BLOCK_N, PAGE_SIZE, DOT_FP32, INTERP, True,
+        )
+    else:
+        m_i, l_i, acc = _attend_loop(
+            q, m_i, l_i, acc, lo, hi, hi, q_pos, r_mask, window, table_row, k_base, v_base, stride_page, stride_tok,
+            offs_d, d_mask, qk_scale, BLOCK_N, PAGE_SIZE, DOT_FP32, INTERP, True,
+        )
     return m_i, l_i, acc
 
 

@@ -64,8 +64,8 @@ def _decode_split_kernel(
     v_base = v_buf + kvh.to(tl.int64) * stride_kvh
     q_pos = tl.zeros([BLOCK_H], tl.int32) + seq_len - 1
     m_i, l_i, acc = attend_range(
-        q, q_pos, h_mask, start, end, window, table_ptr + row * stride_table, k_base, v_base, stride_page,
-        stride_tok, offs_d, d_mask, qk_scale, BLOCK_H, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_FP32, INTERP,
+        q, q_pos, h_mask, start, end, start, end, window, table_ptr + row * stride_table, k_base, v_base, stride_page,
+        stride_tok, offs_d, d_mask, qk_scale, BLOCK_H, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_FP32, INTERP, False,
     )
 
     l_safe = tl.maximum(l_i, 1e-30)

@@ -62,8 +62,9 @@ def _extend_kernel(
     v_base = v_buf + kvh.to(tl.int64) * stride_kvh
     hi = pos0 + ntok  # keys past the tile's last token are never seen
     lo = tl.maximum(pos0 - window + 1, 0)  # nor keys before its first token's window
+    vis_lo = tl.maximum(lo, hi - window)  # keys every row of the tile sees: [vis_lo, pos0 + 1)
     _, l_i, acc = attend_range(
-        q, q_pos, r_mask, lo, hi, window, table_ptr + row * stride_table, k_base, v_base, stride_page,
+        q, q_pos, r_mask, lo, hi, vis_lo, pos0 + 1, window, table_ptr + row * stride_table, k_base, v_base, stride_page,
         stride_tok, offs_d, d_mask, qk_scale, BLOCK_R, BLOCK_D, BLOCK_N, PAGE_SIZE, DOT_FP32, INTERP,
     )
 
@@ -74,20 +75,29 @@ def _extend_kernel(
     )
 
 
-def tokens_per_tile(group: int) -> int:
+def extend_config(device: torch.device) -> dict[str, int]:
+    """Launch parameters of the extend kernel on ``device`` (keyword arguments of :func:`extend_attention`)."""
+    if device.type == "cuda":  # benchmarks/attention_kernels.py --sweep-extend, H100: 1.14-1.25x over 64/64/4/2
+        return {"block_rows_": 128, "block_n": 32, "num_warps": 4, "num_stages": 3}
+    return {"block_rows_": BLOCK_ROWS, "block_n": BLOCK_N, "num_warps": 4, "num_stages": 2}
+
+
+def tokens_per_tile(group: int, rows: int = BLOCK_ROWS) -> int:
     """New tokens one extend program covers for a GQA group of ``group`` q heads."""
-    return max(1, block_rows(group) // group)
+    return max(1, block_rows(group, rows) // group)
 
 
-def block_rows(group: int) -> int:
-    return max(BLOCK_ROWS, triton.next_power_of_2(group))
+def block_rows(group: int, rows: int = BLOCK_ROWS) -> int:
+    return max(rows, triton.next_power_of_2(group))
 
 
 def extend_tiles(
-    req_rows: list[int], prefix_lens: list[int], extend_lens: list[int], group: int, device: torch.device
+    req_rows: list[int], prefix_lens: list[int], extend_lens: list[int], group: int, device: torch.device,
+    rows: int = BLOCK_ROWS,
 ) -> torch.Tensor:
-    """``[tiles, 4]`` int32 (table row, packed index of first token, its position, tokens)."""
-    per = tokens_per_tile(group)
+    """``[tiles, 4]`` int32 (table row, packed index of first token, its position, tokens); ``rows``
+    must be the ``block_rows`` later passed to :func:`extend_attention`."""
+    per = tokens_per_tile(group, rows)
     tiles: list[list[int]] = []
     tok0 = 0
     for row, pre, ext in zip(req_rows, prefix_lens, extend_lens, strict=True):
@@ -105,10 +115,15 @@ def extend_attention(
     tiles: torch.Tensor,
     scaling: float,
     sliding_window: int | None = None,
+    block_rows_: int = BLOCK_ROWS,
+    block_n: int = BLOCK_N,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Causal attention of packed new tokens ``q`` ``[T, H, D]`` over prefix + new keys.
 
-    ``tiles`` comes from :func:`extend_tiles` with this layer's group (``H // KVH``); the new
+    ``tiles`` comes from :func:`extend_tiles` with this layer's group (``H // KVH``) and the same
+    ``block_rows_`` (query rows per program; ``block_n``: keys per step); the new
     tokens' K/V must already be in ``k_buf``/``v_buf`` (one layer's ``[pages, page_size, KVH, D]``
     views, ``KVPool.get_kv``) at the slots the table names. Returns
     ``[T, H, D]`` in q's dtype.
@@ -125,7 +140,8 @@ def extend_attention(
         q.stride(0), q.stride(1), stride_page, stride_tok, stride_kvh,
         table.stride(0), out.stride(0), out.stride(1),
         scaling * LOG2E, sliding_window or NO_WINDOW,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_R=block_rows(group), BLOCK_D=block_d(head_dim), BLOCK_N=BLOCK_N,
-        PAGE_SIZE=page_size, DOT_FP32=dot_in_fp32(q.dtype), INTERP=interpreting(), num_warps=4, num_stages=2,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_R=block_rows(group, block_rows_), BLOCK_D=block_d(head_dim),
+        BLOCK_N=block_n, PAGE_SIZE=page_size, DOT_FP32=dot_in_fp32(q.dtype), INTERP=interpreting(),
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -48,21 +48,39 @@ def _rmsnorm_kernel(
 
 
 @triton.jit
+def _rotate_heads(
+    src, dst, num_heads, cos, sin, offs, mask,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, PASS: tl.constexpr, BLOCK_PASS: tl.constexpr,
+):
+    """Rotate-half of one token's ``num_heads`` heads at ``src`` into ``dst`` (``[BLOCK_H, BLOCK_HALF]`` at once)."""
+    dtype = src.dtype.element_ty
+    heads = tl.arange(0, BLOCK_H)
+    h_mask = heads < num_heads
+    m = h_mask[:, None] & mask[None, :]
+    src_h = src + heads[:, None] * HEAD_DIM
+    dst_h = dst + heads[:, None] * HEAD_DIM
+    x1 = tl.load(src_h + offs[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src_h + HALF + offs[None, :], mask=m, other=0.0).to(tl.float32)
+    o1 = _round(x1 * cos[None, :], dtype) - _round(x2 * sin[None, :], dtype)
+    o2 = _round(x2 * cos[None, :], dtype) + _round(x1 * sin[None, :], dtype)
+    tl.store(dst_h + offs[None, :], o1.to(dtype), mask=m)
+    tl.store(dst_h + HALF + offs[None, :], o2.to(dtype), mask=m)
+    if PASS > 0:  # dims past rotary_dim are copied unchanged
+        offs_p = tl.arange(0, BLOCK_PASS)
+        mp = h_mask[:, None] & (offs_p < PASS)[None, :]
+        tl.store(dst_h + 2 * HALF + offs_p[None, :], tl.load(src_h + 2 * HALF + offs_p[None, :], mask=mp), mask=mp)
+
+
+@triton.jit
 def _rotary_kernel(
     pos_ptr, q_ptr, k_ptr, cache_ptr, q_out, k_out,
     stride_q, stride_k, stride_qo, stride_ko, stride_cache,
-    num_q_heads,
+    num_q_heads, num_kv_heads,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    PASS: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, PASS: tl.constexpr, BLOCK_PASS: tl.constexpr,
 ):
+    """One token per program, all of its q and k heads (cos/sin loaded once)."""
     t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    if h < num_q_heads:
-        src = q_ptr + t * stride_q + h * HEAD_DIM
-        dst = q_out + t * stride_qo + h * HEAD_DIM
-    else:
-        src = k_ptr + t * stride_k + (h - num_q_heads) * HEAD_DIM
-        dst = k_out + t * stride_ko + (h - num_q_heads) * HEAD_DIM
     dtype = q_ptr.dtype.element_ty
     pos = tl.load(pos_ptr + t).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
@@ -70,16 +88,10 @@ def _rotary_kernel(
     row = cache_ptr + pos * stride_cache
     cos = _round(tl.load(row + offs, mask=mask, other=0.0).to(tl.float32), dtype)
     sin = _round(tl.load(row + HALF + offs, mask=mask, other=0.0).to(tl.float32), dtype)
-    x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-    o1 = _round(x1 * cos, dtype) - _round(x2 * sin, dtype)
-    o2 = _round(x2 * cos, dtype) + _round(x1 * sin, dtype)
-    tl.store(dst + offs, o1.to(dtype), mask=mask)
-    tl.store(dst + HALF + offs, o2.to(dtype), mask=mask)
-    if PASS > 0:  # dims past rotary_dim are copied unchanged
-        offs_p = tl.arange(0, BLOCK_PASS)
-        mask_p = offs_p < PASS
-        tl.store(dst + 2 * HALF + offs_p, tl.load(src + 2 * HALF + offs_p, mask=mask_p), mask=mask_p)
+    _rotate_heads(q_ptr + t * stride_q, q_out + t * stride_qo, num_q_heads, cos, sin, offs, mask,
+                  HEAD_DIM, HALF, BLOCK_HQ, PASS, BLOCK_PASS)
+    _rotate_heads(k_ptr + t * stride_k, k_out + t * stride_ko, num_kv_heads, cos, sin, offs, mask,
+                  HEAD_DIM, HALF, BLOCK_HK, PASS, BLOCK_PASS)
 
 
 @triton.jit
@@ -157,11 +169,12 @@ def apply_rotary(
     k_out = torch.empty((t, num_kv * head_dim), dtype=k.dtype, device=k.device)
     if t:
         half, rest = rotary_dim // 2, head_dim - rotary_dim
-        _rotary_kernel[(t, num_q + num_kv)](
+        _rotary_kernel[(t,)](
             positions, q2, k2, cos_sin_cache, q_out, k_out,
-            q2.stride(0), k2.stride(0), q_out.stride(0), k_out.stride(0), cos_sin_cache.stride(0), num_q,
+            q2.stride(0), k2.stride(0), q_out.stride(0), k_out.stride(0), cos_sin_cache.stride(0), num_q, num_kv,
             HEAD_DIM=head_dim, HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
-            PASS=rest, BLOCK_PASS=triton.next_power_of_2(max(rest, 1)), num_warps=1,
+            BLOCK_HQ=triton.next_power_of_2(num_q), BLOCK_HK=triton.next_power_of_2(num_kv),
+            PASS=rest, BLOCK_PASS=triton.next_power_of_2(max(rest, 1)), num_warps=4,
         )
     return q_out, k_out
 
