@@ -90,6 +90,14 @@ def engine_splits(bs: int) -> int:
     return pick_num_splits(bs, KV_HEADS, DEFAULT_MAX_KV_SPLITS, torch.cuda.get_device_properties(0).multi_processor_count)
 
 
+def engine_launch(splits: int) -> dict[str, int]:
+    """The decode launch parameters the backend picks (``decode.decode_launch``)."""
+    from sglang.engine.attention.triton.decode import decode_launch
+
+    props = torch.cuda.get_device_properties(0)
+    return decode_launch(splits, getattr(props, "shared_memory_per_block_optin", 0) >= 160 * 1024)
+
+
 def decode_rows(batch_sizes: list[int], contexts: list[int], bw: float) -> list[list[Any]]:
     from sglang.engine.attention.triton.decode import decode_attention, decode_scratch
 
@@ -98,16 +106,18 @@ def decode_rows(batch_sizes: list[int], contexts: list[int], bw: float) -> list[
         q, k, v, table, req, lens = decode_inputs(bs, ctx)
         splits = engine_splits(bs)
         scratch = decode_scratch(bs * splits, HEADS, HEAD_DIM, torch.device("cuda"))
-        ms = bench_ms(partial(decode_attention, q, k, v, table, req, lens, scratch, HEAD_DIM**-0.5, num_splits=splits))
+        ms = bench_ms(partial(decode_attention, q, k, v, table, req, lens, scratch, HEAD_DIM**-0.5, num_splits=splits,
+                              **engine_launch(splits)))
         native = native_decode_ms(q, k, v, table, lens)
         gbs = kv_bytes(bs, ctx) / ms / 1e6
         rows.append([bs, ctx, splits, ms * 1e3, gbs, gbs / bw, native * 1e3, native / ms])
     return rows
 
 
-def decode_sweep(batch_sizes: list[int], contexts: list[int], bw: float) -> list[list[Any]]:
+def decode_sweep(batch_sizes: list[int], contexts: list[int], bw: float, quick: bool = False) -> list[list[Any]]:
     """Every (block_n, num_warps, num_stages) of a small grid at the engine's split count and at
-    half and twice it: the three fastest per point, to choose the kernel's launch parameters."""
+    half and twice it: the three fastest per point, to choose the kernel's launch parameters.
+    ``quick``: only the engine's split count and a few candidates, each listed, the engine's marked."""
     from sglang.engine.attention.triton.decode import decode_attention, decode_scratch
 
     rows = []
@@ -115,9 +125,11 @@ def decode_sweep(batch_sizes: list[int], contexts: list[int], bw: float) -> list
         q, k, v, table, req, lens = decode_inputs(bs, ctx)
         base = engine_splits(bs)
         found = []
-        for splits in sorted({max(1, base // 2), base, 2 * base}):
+        grid = (list(product((32, 64, 128), (4, 8), (2, 3, 4))) if not quick
+                else [(64, 4, 2), (32, 8, 3), (32, 8, 2), (32, 4, 3), (64, 8, 3), (128, 8, 2), (128, 4, 2)])
+        for splits in [base] if quick else sorted({max(1, base // 2), base, 2 * base}):
             scratch = decode_scratch(bs * splits, HEADS, HEAD_DIM, torch.device("cuda"))
-            for bn, warps, stages in product((32, 64, 128), (4, 8), (2, 3, 4)):
+            for bn, warps, stages in grid:
                 fn = partial(decode_attention, q, k, v, table, req, lens, scratch, HEAD_DIM**-0.5,
                              num_splits=splits, block_n=bn, num_warps=warps, num_stages=stages)
                 try:
@@ -126,9 +138,11 @@ def decode_sweep(batch_sizes: list[int], contexts: list[int], bw: float) -> list
                     print(f"skip bs {bs} ctx {ctx} {splits} {bn} {warps} {stages}: {type(e).__name__}")
                     continue
                 found.append((ms, splits, bn, warps, stages))
-        for ms, splits, bn, warps, stages in sorted(found)[:3]:
+        for ms, splits, bn, warps, stages in sorted(found)[: len(found) if quick else 3]:
             gbs = kv_bytes(bs, ctx) / ms / 1e6
-            rows.append([bs, ctx, splits, bn, warps, stages, ms * 1e3, gbs, gbs / bw])
+            mine = engine_launch(splits)
+            tag = " (engine)" if (bn, warps, stages) == (mine["block_n"], mine["num_warps"], mine["num_stages"]) else ""
+            rows.append([bs, ctx, f"{splits}{tag}", bn, warps, stages, ms * 1e3, gbs, gbs / bw])
     return rows
 
 
@@ -213,6 +227,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--out", help="append the tables to this Markdown file")
     ap.add_argument("--sweep", action="store_true", help="time a grid of decode launch parameters instead")
+    ap.add_argument("--quick", action="store_true", help="with --sweep: the engine's splits and a few candidates only")
     ap.add_argument("--sweep-extend", action="store_true", help="time a grid of extend launch parameters instead")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -238,7 +253,7 @@ def main() -> None:
     )
     if args.sweep:
         sweep = markdown_table(["batch", "context", "splits", "block_n", "warps", "stages", "us", "KV GB/s", "of copy"],
-                               decode_sweep(args.batch_size, args.context, bw))
+                               decode_sweep(args.batch_size, args.context, bw, args.quick))
         print(sweep)
         if args.out:
             append_section(args.out, "Decode kernel sweep (triton)", header + "\n" + sweep)

@@ -299,6 +299,40 @@ def gpu_kernel_table(prof: Any, steps: int, wall: float, limit: int) -> str:
     return head + "\n\n" + table
 
 
+def gpu_gap_table(prof: Any, steps: int, limit: int = 8, min_us: float = 5.0) -> str:
+    """Where the GPU sits idle: gaps of at least ``min_us`` between one kernel (or copy) ending and
+    the next starting, summed per (before, after) pair, from the profiler's trace."""
+    import json
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        with open(f.name) as fh:
+            trace = json.load(fh)
+    evs = sorted(
+        (e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+        key=lambda e: float(e["ts"]),
+    )
+    pairs: dict[tuple[str, str], list[float]] = {}
+    total = 0.0
+    end = None
+    prev = ""
+    for e in evs:
+        ts, dur = float(e["ts"]), float(e.get("dur", 0.0))
+        name = str(e.get("name", "?"))[:48]
+        if end is not None and ts - end >= min_us:
+            gap = ts - end
+            total += gap
+            acc = pairs.setdefault((prev, name), [0.0, 0])
+            acc[0] += gap
+            acc[1] += 1
+        if end is None or ts + dur > end:
+            end, prev = ts + dur, name
+    rows = sorted(([f"`{a}`", f"`{b}`", v[0] / steps, v[1] / steps] for (a, b), v in pairs.items()), key=lambda r: -r[2])
+    head = f"GPU idle in gaps >= {min_us:g} us: {total / steps:.0f} us/step"
+    return head + "\n\n" + markdown_table(["after", "before", "idle us/step", "gaps/step"], rows[:limit])
+
+
 def cprofile_table(pr: cProfile.Profile, steps: int, limit: int) -> str:
     stats: dict[Any, Any] = pstats.Stats(pr).stats  # type: ignore[attr-defined]
     rows = []
@@ -342,7 +376,7 @@ def profile_point(engine: Any, prompts: list[list[int]], steps: int) -> str:
         lines += [op_table(prof, 12), ""]
         if on_gpu:
             lines += ["Prefill step on the GPU (torch.profiler, CUDA kernels):", "",
-                      gpu_kernel_table(prof, 1, wall, 25), ""]
+                      gpu_kernel_table(prof, 1, wall, 25), "", gpu_gap_table(prof, 1), ""]
 
         while any(not r.output_ids for r in reqs):  # the rest of a prefill split into chunks
             s.step()
@@ -368,7 +402,7 @@ def profile_point(engine: Any, prompts: list[list[int]], steps: int) -> str:
                 torch.cuda.synchronize()
                 wall = time.perf_counter() - t0
             lines += [f"Decode on the GPU over {steps} steps (torch.profiler, CUDA kernels):", "",
-                      gpu_kernel_table(prof, steps, wall, 30), ""]
+                      gpu_kernel_table(prof, steps, wall, 30), "", gpu_gap_table(prof, steps), ""]
 
         n_prof = 4
         pr = cProfile.Profile()

@@ -12,6 +12,7 @@ from sglang.engine.attention.triton.common import interpreting
 from sglang.engine.attention.triton.decode import (
     DEFAULT_MAX_KV_SPLITS,
     decode_attention,
+    decode_launch,
     decode_scratch,
     pick_num_splits,
     scratch_rows,
@@ -93,12 +94,11 @@ class TritonBackend(AttentionBackend):
         return self._caps
 
     def _decode_tiles(self, splits: int, device: torch.device) -> dict[str, int]:
-        """Launch parameters of the decode kernel: whole contexts per program (one split, large
-        batches) stream 128-token tiles, which needs ~128 KiB of shared memory (H100: 0.95-0.99 of
-        the copy bandwidth at batch 256 vs 0.75-0.79 with 64-token tiles, benchmarks/attention_kernels.py
-        --sweep); split contexts keep 64-token tiles."""
-        block_n = self.decode_block_n or (128 if splits == 1 and self._device_caps(device)[1] else 64)
-        return {"block_n": block_n, "num_warps": 4, "num_stages": 2}
+        """Launch parameters of the decode kernel (``decode.decode_launch``; ``decode_block_n`` overrides the tile)."""
+        launch = decode_launch(splits, self._device_caps(device)[1])
+        if self.decode_block_n:
+            launch["block_n"] = self.decode_block_n
+        return launch
 
     def _extend_cfg(self, device: torch.device) -> dict[str, int]:
         if self._extend is None:

@@ -103,6 +103,17 @@ def _decode_merge_kernel(
     tl.store(out_ptr + b * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
+def decode_launch(splits: int, big_smem: bool) -> dict[str, int]:
+    """Launch parameters of the decode kernel for ``splits`` KV splits (``big_smem``: >= 160 KiB
+    of shared memory per block). Whole contexts per program (one split, large batches) stream
+    128-token tiles (H100: 0.95-0.99 of the copy bandwidth at batch 256 vs 0.75-0.79 with 64-token
+    tiles); split contexts (small batches, latency-bound) use 64-token tiles.
+    ``benchmarks/attention_kernels.py --sweep`` measures the choices."""
+    if splits == 1:
+        return {"block_n": 128 if big_smem else 64, "num_warps": 4, "num_stages": 2}
+    return {"block_n": 64, "num_warps": 4, "num_stages": 2}
+
+
 DEFAULT_MAX_KV_SPLITS = 32  # the fastest at batch 1 in benchmarks/attention_kernels.py --sweep (H100)
 
 
