@@ -46,27 +46,7 @@ def gemv_case(
     return float((got.float() - ref.float()).abs().max()) / ulp
 
 
-def silu_gemv_case(device: str, m: int, n: int, k: int, block_n: int, block_k: int, bias: bool, seed: int = 0) -> float:
-    """The ``silu_mul`` product (``x = [gate | up]``, ``[M, 2K]``) against ``F.linear`` of torch's
-    ``silu(gate) * up`` (bf16, as ``SiluAndMul``) in float32: max |diff| in ulps of the output."""
-    import torch.nn.functional as F
-    from sglang.engine.layers.fused.gemv import GemvConfig, skinny_linear
-
-    dev, dt = torch.device(device), torch.bfloat16
-    gen = torch.Generator().manual_seed(seed)
-    x = (torch.randn(m, 2 * k, generator=gen) * 2).to(dt).to(dev)
-    w = (torch.randn(n, k, generator=gen) * 0.05).to(dt).to(dev)
-    b = torch.randn(n, generator=gen).to(dt).to(dev) if bias else None
-    got = skinny_linear(x, w, b, cfg=GemvConfig(block_n, block_k, 4, 2, "dot"), silu_mul=True)
-    gate, up = x.chunk(2, dim=-1)
-    act = F.silu(gate.float()).to(dt) * up  # SiluAndMul's torch code on bf16 inputs
-    ref = F.linear(act.float(), w.float(), None if b is None else b.float()).to(dt)
-    assert got.shape == (m, n) and got.dtype == dt
-    ulp = float(torch.finfo(dt).eps) * float(ref.float().abs().max())
-    return float((got.float() - ref.float()).abs().max()) / ulp
-
-
-CASES: dict[str, Callable[..., float]] = {"gemv_case": gemv_case, "silu_gemv_case": silu_gemv_case}
+CASES: dict[str, Callable[..., float]] = {"gemv_case": gemv_case}
 
 
 def _setup_worker() -> None:
@@ -109,30 +89,6 @@ def test_skinny_matches_linear(
     assert err <= 1.0
 
 
-@pytest.mark.parametrize(("device", "m", "n", "k", "block_n", "block_k", "bias"), [
-    pytest.param("interpret", 1, 40, 512, 16, 256, False, id="interpret-m1"),
-    pytest.param("interpret", 5, 33, 1024, 32, 512, True, id="interpret-m5-bias"),
-    pytest.param("cuda", 1, 4096, 14336, 32, 512, False, marks=pytest.mark.gpu, id="cuda-8b-down-m1"),
-    pytest.param("cuda", 16, 4096, 14336, 32, 512, False, marks=pytest.mark.gpu, id="cuda-8b-down-m16"),
-    pytest.param("cuda", 3, 1000, 2048, 16, 256, True, marks=pytest.mark.gpu, id="cuda-m3-bias"),
-])
-def test_silu_mul_fused_into_the_input(
-    run: Run, device: str, m: int, n: int, k: int, block_n: int, block_k: int, bias: bool
-) -> None:
-    assert run("silu_gemv_case", m=m, n=n, k=k, block_n=block_n, block_k=block_k, bias=bias) <= 1.0
-
-
-def test_silu_mul_needs_the_dot_kernel_and_a_2k_input() -> None:
-    from sglang.engine.layers.fused import gemv
-
-    x = torch.zeros(1, 2 * 4096, dtype=torch.bfloat16)
-    w = torch.zeros(64, 4096, dtype=torch.bfloat16)
-    fma = gemv.GemvConfig(4, 1024, kind="fma")
-    assert not gemv.supported(x, w, fma, silu_mul=True)  # CPU tensors never, and fma has no silu path
-    with pytest.raises(ValueError, match="dot kernel"):
-        gemv.skinny_linear(x, w, cfg=fma, silu_mul=True)
-
-
 def test_layers_use_it_only_where_it_pays() -> None:
     """CPU tensors, batches above 16 rows and weights below 16M elements go to F.linear."""
     from sglang.engine.layers import fused
@@ -171,34 +127,6 @@ def test_8b_decode_shapes_cuda(m: int, n: int, k: int) -> None:
         ref = F.linear(x.float(), w.float()).to(torch.bfloat16).float()
         ulp = float(torch.finfo(torch.bfloat16).eps) * float(ref.abs().max())
         assert out is not None and float((out.float() - ref).abs().max()) <= ulp
-    finally:
-        fused.set_fused_ops(None)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 4, 16, 17])
-def test_llama_mlp_fused_silu_is_bit_identical(m: int) -> None:
-    """The 8B MLP with SiLU-and-mul fused into down_proj's input equals the two-kernel path bit for
-    bit (17 rows: cuBLAS and the separate activation, unchanged)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    from types import SimpleNamespace
-
-    from sglang.engine.layers import fused
-    from sglang.engine.models.llama import LlamaMLP
-
-    fused.set_fused_ops(True)
-    try:
-        cfg = SimpleNamespace(hidden_size=4096, intermediate_size=14336, hidden_act="silu")
-        with torch.device("cuda"):
-            mlp = LlamaMLP(cfg, torch.bfloat16)
-        gen = torch.Generator(device="cuda").manual_seed(m)
-        for p in mlp.parameters():
-            p.data.copy_(torch.randn(p.shape, device="cuda", generator=gen) * 0.02)
-        x = torch.randn(m, 4096, device="cuda", generator=gen).to(torch.bfloat16)
-        got = mlp(x)
-        ref = mlp.down_proj(mlp.act_fn(mlp.gate_up_proj(x)))
-        assert torch.equal(got, ref)
     finally:
         fused.set_fused_ops(None)
 

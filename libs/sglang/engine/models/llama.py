@@ -20,7 +20,6 @@ from torch import nn
 from sglang.engine.layers.activation import SiluAndMul
 from sglang.engine.layers.attention import Attention
 from sglang.engine.layers.embedding import LMHead, VocabEmbedding
-from sglang.engine.layers.fused import try_skinny_linear
 from sglang.engine.layers.linear import Linear, MergedColumnLinear, QKVLinear
 from sglang.engine.layers.norm import RMSNorm
 from sglang.engine.layers.rotary import RotaryEmbedding
@@ -57,10 +56,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(inter, config.hidden_size, bias=bias, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        # Decode batches on CUDA: the skinny down_proj applies SiLU-and-mul to its input tiles.
-        y = try_skinny_linear(gate_up, self.down_proj.weight, self.down_proj.bias, silu_mul=True)
-        return y if y is not None else self.down_proj(self.act_fn(gate_up))
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaAttention(nn.Module):

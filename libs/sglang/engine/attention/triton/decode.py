@@ -103,18 +103,22 @@ def _decode_merge_kernel(
     tl.store(out_ptr + b * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
+DEFAULT_MAX_KV_SPLITS = 32  # the fastest at batch 1 in benchmarks/attention_kernels.py --sweep (H100)
+
+
 def decode_launch(splits: int, big_smem: bool) -> dict[str, int]:
     """Launch parameters of the decode kernel for ``splits`` KV splits (``big_smem``: >= 160 KiB
     of shared memory per block). Whole contexts per program (one split, large batches) stream
     128-token tiles (H100: 0.95-0.99 of the copy bandwidth at batch 256 vs 0.75-0.79 with 64-token
-    tiles); split contexts (small batches, latency-bound) use 64-token tiles.
-    ``benchmarks/attention_kernels.py --sweep`` measures the choices."""
+    tiles). Split contexts (small batches, latency-bound): 32-token tiles, 3 stages (batch 8 on
+    H100: 27.2 vs 30.0 us at context 1024, 70.8 vs 76.0 at 4096, against 64-token tiles); at the
+    most splits (batch 1) 128-token tiles and 8 warps (16.0 vs 46.6 us at 1024, 55.9 vs 63.6 at 4096).
+    ``benchmarks/attention_kernels.py --sweep [--quick]`` measures the choices."""
     if splits == 1:
         return {"block_n": 128 if big_smem else 64, "num_warps": 4, "num_stages": 2}
-    return {"block_n": 64, "num_warps": 4, "num_stages": 2}
-
-
-DEFAULT_MAX_KV_SPLITS = 32  # the fastest at batch 1 in benchmarks/attention_kernels.py --sweep (H100)
+    if splits >= DEFAULT_MAX_KV_SPLITS:
+        return {"block_n": 128 if big_smem else 64, "num_warps": 8, "num_stages": 2}
+    return {"block_n": 32, "num_warps": 4, "num_stages": 3}
 
 
 def pick_num_splits(bs: int, num_kv_heads: int, max_splits: int, sm_count: int) -> int:

@@ -37,21 +37,18 @@ def use_fused(x: torch.Tensor) -> bool:
 
 
 def try_skinny_linear(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-    silu_mul: bool = False,
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor | None:
     """``F.linear(x, w, bias)`` (as ``out_dtype``) by the Triton skinny matmul when it pays for
-    this shape, else ``None`` (the caller runs ``F.linear``). ``silu_mul``: ``x`` is ``[gate | up]``
-    and the product is ``F.linear(SiluAndMul()(x), w, bias)``, the activation fused in."""
+    this shape, else ``None`` (the caller runs ``F.linear``)."""
     if x.dim() != 2 or x.shape[0] > SKINNY_MAX_ROWS or w.numel() < SKINNY_MIN_WEIGHT or not use_fused(x):
         return None
     from sglang.engine.layers.fused import gemv
 
-    k = x.shape[1] // 2 if silu_mul else x.shape[1]
-    cfg = gemv.default_config(x.shape[0], w.shape[0], k)
-    if not gemv.supported(x, w, cfg, silu_mul=silu_mul) or (bias is not None and bias.dtype != x.dtype):
+    cfg = gemv.default_config(x.shape[0], w.shape[0], x.shape[1])
+    if not gemv.supported(x, w, cfg) or (bias is not None and bias.dtype != x.dtype):
         return None
-    return gemv.skinny_linear(x, w, bias, cfg=cfg, out_dtype=out_dtype, silu_mul=silu_mul)
+    return gemv.skinny_linear(x, w, bias, cfg=cfg, out_dtype=out_dtype)
 
 
 def set_fused_ops(enabled: bool | None) -> None:

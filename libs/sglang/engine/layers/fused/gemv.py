@@ -40,7 +40,7 @@ def _gemv_dot_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     M, N, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    K_TILES: tl.constexpr, DOT_FP32: tl.constexpr, SILU_MUL: tl.constexpr = False,
+    K_TILES: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
@@ -52,14 +52,7 @@ def _gemv_dot_kernel(
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for _ in range(K_TILES):
-        if SILU_MUL:  # x rows are [gate | up] (2K wide): the input is silu(gate) * up, as SiluAndMul rounds it
-            dtype = x_ptr.dtype.element_ty
-            gate = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0).to(tl.float32)
-            up = tl.load(x_ptrs + K_TILES * BLOCK_K, mask=m_mask[:, None], other=0.0).to(tl.float32)
-            act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-            x = (act * up).to(dtype)
-        else:
-            x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+        x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
         w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
         if DOT_FP32:  # the interpreter (numpy has no bfloat16 matmul)
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
@@ -109,40 +102,30 @@ def default_config(m: int, n: int, k: int) -> GemvConfig:
     return GemvConfig(block_n=32, block_k=256, num_warps=4, num_stages=4, kind="dot")
 
 
-def supported(x: torch.Tensor, w: torch.Tensor, cfg: GemvConfig | None = None, silu_mul: bool = False) -> bool:
-    """Whether :func:`skinny_linear` takes these operands (with ``silu_mul``, ``x`` is ``[M, 2K]``)."""
+def supported(x: torch.Tensor, w: torch.Tensor, cfg: GemvConfig | None = None) -> bool:
     m, k = x.shape
-    if silu_mul:
-        k //= 2
     cfg = cfg or default_config(m, w.shape[0], k)
     return (
         x.is_cuda and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16)
         and 1 <= m <= MAX_ROWS and k == w.shape[1] and k % cfg.block_k == 0
-        and x.stride(1) == 1 and w.stride(1) == 1 and (cfg.kind == "dot" or (m == 1 and not silu_mul))
-        and (not silu_mul or x.shape[1] == 2 * k)
+        and x.stride(1) == 1 and w.stride(1) == 1 and (cfg.kind == "dot" or m == 1)
     )
 
 
 def skinny_linear(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, cfg: GemvConfig | None = None,
-    out_dtype: torch.dtype | None = None, silu_mul: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``x [M, K] @ w [N, K].T + bias`` for ``M <= 16`` (check :func:`supported` first). With
     ``out_dtype`` (e.g. float32 logits) the result is rounded to x's dtype first, then stored in
-    ``out_dtype``: the values of ``F.linear(x, w, bias).to(out_dtype)`` without a second kernel.
-    With ``silu_mul`` (``dot`` kernel only), ``x`` is ``[M, 2K]`` = ``[gate | up]`` and the product
-    uses ``SiluAndMul()(x)``, computed tile by tile with the same rounding (no separate kernel)."""
+    ``out_dtype``: the values of ``F.linear(x, w, bias).to(out_dtype)`` without a second kernel."""
     m, k = x.shape
-    if silu_mul:
-        k //= 2
     n = w.shape[0]
     cfg = cfg or default_config(m, n, k)
     y = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n),)
     b = bias if bias is not None else w  # never read without HAS_BIAS
     if cfg.kind == "fma":
-        if silu_mul:
-            raise ValueError("silu_mul needs the dot kernel")
         _gemv_fma_kernel[grid](
             x, w, b, y, n, w.stride(0),
             HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, K_TILES=k // cfg.block_k,
@@ -152,7 +135,7 @@ def skinny_linear(
         _gemv_dot_kernel[grid](
             x, w, b, y, m, n, x.stride(0), w.stride(0), y.stride(0),
             HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            K_TILES=k // cfg.block_k, DOT_FP32=not x.is_cuda, SILU_MUL=silu_mul,
+            K_TILES=k // cfg.block_k, DOT_FP32=not x.is_cuda,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return y
