@@ -56,9 +56,11 @@ def store_case(
     for p in pools:
         p.buffer.copy_(noise)
     total = (num_pages + 1) * page_size
-    slots = torch.randperm(total, generator=gen)[:tokens]
+    slots = torch.randperm(total - 1, generator=gen)[:tokens] + 1
     if tokens > 1:
-        slots[tokens // 2] = 0  # CUDA-graph padding writes to slot 0
+        # CUDA-graph padding writes to slot 0. Exactly once here: which of several writes to one
+        # slot lands is unspecified (for index_put too), and nothing reads the padding slot.
+        slots[tokens // 2] = 0
     loc = slots.to(getattr(torch, loc_dtype)).to(dev)
     kvd = num_kv_heads * head_dim
     qkv = torch.randn(tokens, 3 * kvd + 8, generator=gen).to(in_dt).to(dev)

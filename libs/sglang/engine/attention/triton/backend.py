@@ -81,7 +81,8 @@ class TritonBackend(AttentionBackend):
         self._caps: tuple[int, bool] | None = None  # (SM count, >= 160 KiB shared memory per block)
         self.decode_block_n = decode_block_n  # None: 128 for one split where shared memory allows, else 64
         # extend_attention's launch keywords; None: extend_config(device) on first use
-        self._extend: dict[str, int] | None = dict(extend_launch) if extend_launch else None
+        self._extend_launch = dict(extend_launch) if extend_launch else None
+        self._extend: dict[tuple[str, torch.dtype], dict[str, int]] = {}
 
     def _device_caps(self, device: torch.device) -> tuple[int, bool]:
         if self._caps is None:
@@ -100,10 +101,13 @@ class TritonBackend(AttentionBackend):
             launch["block_n"] = self.decode_block_n
         return launch
 
-    def _extend_cfg(self, device: torch.device) -> dict[str, int]:
-        if self._extend is None:
-            self._extend = extend_config(device)
-        return self._extend
+    def _extend_cfg(self, device: torch.device, dtype: torch.dtype) -> dict[str, int]:
+        if self._extend_launch is not None:
+            return self._extend_launch
+        key = (device.type, dtype)
+        if key not in self._extend:
+            self._extend[key] = extend_config(device, dtype)
+        return self._extend[key]
 
     def splits_for(self, bs: int, num_kv_heads: int, device: torch.device) -> int:
         if self.num_kv_splits is not None:
@@ -155,7 +159,7 @@ class TritonBackend(AttentionBackend):
         else:
             meta: _ExtendMeta = batch.attn_metadata
             group = h // kvh
-            cfg = self._extend_cfg(q.device)
+            cfg = self._extend_cfg(q.device, q.dtype)
             tiles = meta.tiles.get(group)
             if tiles is None:
                 tiles = extend_tiles(meta.rows, batch.prefix_lens_cpu, batch.extend_lens_cpu, group, q.device,

@@ -75,9 +75,11 @@ def _extend_kernel(
     )
 
 
-def extend_config(device: torch.device) -> dict[str, int]:
-    """Launch parameters of the extend kernel on ``device`` (keyword arguments of :func:`extend_attention`)."""
-    if device.type == "cuda":  # benchmarks/attention_kernels.py --sweep-extend, H100: 1.14-1.25x over 64/64/4/2
+def extend_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """Launch parameters of the extend kernel for ``dtype`` queries on ``device`` (keyword arguments
+    of :func:`extend_attention`). float32 keeps 64-row tiles: its operands are twice as large."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        # benchmarks/attention_kernels.py --sweep-extend, H100: 1.14-1.25x over 64/64/4/2
         return {"block_rows_": 128, "block_n": 32, "num_warps": 4, "num_stages": 3}
     return {"block_rows_": BLOCK_ROWS, "block_n": BLOCK_N, "num_warps": 4, "num_stages": 2}
 
