@@ -4,6 +4,7 @@ of tokens, mixed plain and penalised/grammar-free requests, aborts and retractio
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -128,3 +129,37 @@ def test_overlap_abort_leaks_nothing(model_dir: Path) -> None:
         assert eng.scheduler.num_overlapped_steps > 0
     finally:
         eng.shutdown()
+
+
+@pytest.mark.parametrize("overlap", ["on", "off"])
+def test_logprobs_only_for_requests_that_ask(model_dir: Path, overlap: str) -> None:
+    """Requests with and without ``return_logprob`` share decode batches: the sampler skips the
+    logprobs only when no row asks, so the asking requests get the same values as when every
+    request asks, and the tokens do not change."""
+    asking, quiet = _prompts(4, seed=11), _prompts(4, seed=12)
+    params = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
+    ref_outs, _ = _run(model_dir, asking + quiet, [params] * 8, overlap)
+    eng = Engine(model_path=str(model_dir), skip_tokenizer_init=True, device="cpu", dtype="float32",
+                 overlap_schedule=overlap)
+    try:
+        got: dict[str, Any] = {}
+
+        def call(name: str, prompts: list[list[int]], lp: bool) -> None:
+            got[name] = eng.generate(input_ids=prompts, sampling_params=params, return_logprob=lp)
+
+        threads = [threading.Thread(target=call, args=("quiet", quiet, False)),
+                   threading.Thread(target=call, args=("asking", asking, True))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        eng.check_integrity()
+        assert eng.get_stats()["num_used_pages"] == 0
+    finally:
+        eng.shutdown()
+    assert [o["output_ids"] for o in got["asking"] + got["quiet"]] == [o["output_ids"] for o in ref_outs]
+    for o, ref in zip(got["asking"], ref_outs[:4], strict=True):
+        assert _logprobs(o) == pytest.approx(_logprobs(ref), abs=1e-4)
+        assert all(math.isfinite(v) for v in _logprobs(o))
+    for o in got["quiet"]:
+        assert not o["meta_info"].get("output_token_logprobs")

@@ -132,6 +132,23 @@ def _draw_sequence(seed: int, steps: int, neighbours: int, neighbour_seed: int) 
     return drawn
 
 
+@pytest.mark.parametrize("temps", [(0.0, 0.0), (0.7, 1.3), (0.0, 0.9)])
+def test_skipped_logprobs_change_no_token(temps: tuple[float, float]) -> None:
+    """``need_logprobs=False`` (no request asked for them): the same tokens from the same seeds
+    (greedy, sampled and mixed batches), and NaN logprobs instead of values nobody reads."""
+    logits = _logits(2, seed=9)
+    params = [SamplingParams(temperature=t, seed=s) for t, s in zip(temps, (21, 22), strict=True)]
+
+    def draw(need: bool) -> SampleOutput:
+        gens: list[torch.Generator | None] = [torch.Generator().manual_seed(s) for s in (21, 22)]
+        return Sampler()(logits, _build(params, generators=gens), need_logprobs=need)
+
+    with_lp, without = draw(True), draw(False)
+    assert torch.equal(with_lp.next_token_ids, without.next_token_ids)
+    assert bool(torch.isfinite(with_lp.logprobs).all())
+    assert without.logprobs.shape == (2,) and bool(torch.isnan(without.logprobs).all())
+
+
 def test_seeded_request_is_reproducible() -> None:
     first = _draw_sequence(seed=7, steps=50, neighbours=0, neighbour_seed=0)
     second = _draw_sequence(seed=7, steps=50, neighbours=0, neighbour_seed=0)

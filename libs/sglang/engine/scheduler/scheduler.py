@@ -184,7 +184,7 @@ class Scheduler:
             [r.params for r in reqs], [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],
             self.eos_token_ids, self.vocab_size, logits.device, [r.generator for r in reqs],
         )
-        res = self.sampler(logits, sb, None)
+        res = self.sampler(logits, sb, None, need_logprobs=any(r.return_logprob for r in reqs))
         return InflightBatch.launch(reqs, res.next_token_ids, res.logprobs)
 
     def _resolve(self) -> list[Request]:
@@ -397,7 +397,7 @@ class Scheduler:
             tops = [r.top_logprobs_num if r.return_logprob else 0 for r in reqs]
             rows = logits[sample_rows]
             self.grammar.apply(rows, mask)
-            res = self.sampler(rows, sb, tops if any(tops) else None)
+            res = self.sampler(rows, sb, tops if any(tops) else None, need_logprobs=any(r.return_logprob for r in reqs))
             next_ids = res.next_token_ids.tolist()
             lps = res.logprobs.tolist()
             for i, req in enumerate(reqs):
