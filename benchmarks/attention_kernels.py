@@ -85,17 +85,16 @@ def kv_bytes(bs: int, ctx: int) -> int:
 
 def engine_splits(bs: int) -> int:
     """The split count the backend picks for this batch (``TritonBackend`` defaults)."""
-    from sglang.engine.attention.triton.decode import DEFAULT_MAX_KV_SPLITS, pick_num_splits
+    from sglang.engine.attention.triton.decode import DEFAULT_MAX_KV_SPLITS, device_caps, pick_num_splits
 
-    return pick_num_splits(bs, KV_HEADS, DEFAULT_MAX_KV_SPLITS, torch.cuda.get_device_properties(0).multi_processor_count)
+    return pick_num_splits(bs, KV_HEADS, DEFAULT_MAX_KV_SPLITS, device_caps(torch.device("cuda"))[0])
 
 
 def engine_launch(splits: int) -> dict[str, int]:
     """The decode launch parameters the backend picks (``decode.decode_launch``)."""
-    from sglang.engine.attention.triton.decode import decode_launch
+    from sglang.engine.attention.triton.decode import decode_launch, device_caps
 
-    props = torch.cuda.get_device_properties(0)
-    return decode_launch(splits, getattr(props, "shared_memory_per_block_optin", 0) >= 160 * 1024)
+    return decode_launch(splits, device_caps(torch.device("cuda"))[1])
 
 
 def decode_rows(batch_sizes: list[int], contexts: list[int], bw: float) -> list[list[Any]]:

@@ -14,6 +14,7 @@ from sglang.engine.attention.triton.decode import (
     decode_attention,
     decode_launch,
     decode_scratch,
+    device_caps,
     pick_num_splits,
     scratch_rows,
 )
@@ -80,18 +81,12 @@ class TritonBackend(AttentionBackend):
         self._max_bs = 0
         self._caps: tuple[int, bool] | None = None  # (SM count, >= 160 KiB shared memory per block)
         self.decode_block_n = decode_block_n  # None: 128 for one split where shared memory allows, else 64
-        # extend_attention's launch keywords; None: extend_config(device) on first use
-        self._extend_launch = dict(extend_launch) if extend_launch else None
-        self._extend: dict[tuple[str, torch.dtype], dict[str, int]] = {}
+        # extend_attention's launch keywords; None: extend_config(device, dtype) per call
+        self.extend_launch = dict(extend_launch) if extend_launch else None
 
     def _device_caps(self, device: torch.device) -> tuple[int, bool]:
         if self._caps is None:
-            if device.type == "cuda":
-                props = torch.cuda.get_device_properties(device)
-                self._caps = (props.multi_processor_count,
-                              getattr(props, "shared_memory_per_block_optin", 0) >= 160 * 1024)
-            else:  # the interpreter: a small GPU's worth of programs
-                self._caps = (4, False)
+            self._caps = device_caps(device)
         return self._caps
 
     def _decode_tiles(self, splits: int, device: torch.device) -> dict[str, int]:
@@ -100,14 +95,6 @@ class TritonBackend(AttentionBackend):
         if self.decode_block_n:
             launch["block_n"] = self.decode_block_n
         return launch
-
-    def _extend_cfg(self, device: torch.device, dtype: torch.dtype) -> dict[str, int]:
-        if self._extend_launch is not None:
-            return self._extend_launch
-        key = (device.type, dtype)
-        if key not in self._extend:
-            self._extend[key] = extend_config(device, dtype)
-        return self._extend[key]
 
     def splits_for(self, bs: int, num_kv_heads: int, device: torch.device) -> int:
         if self.num_kv_splits is not None:
@@ -159,7 +146,7 @@ class TritonBackend(AttentionBackend):
         else:
             meta: _ExtendMeta = batch.attn_metadata
             group = h // kvh
-            cfg = self._extend_cfg(q.device, q.dtype)
+            cfg = self.extend_launch or extend_config(q.device, q.dtype)
             tiles = meta.tiles.get(group)
             if tiles is None:
                 tiles = extend_tiles(meta.rows, batch.prefix_lens_cpu, batch.extend_lens_cpu, group, q.device,

@@ -88,13 +88,9 @@ def _attend_step(
     MASKED: tl.constexpr,
 ):
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    if MASKED:
-        n_mask = offs_n < hi
-        seen = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] > q_pos[:, None] - window)
-        score_mask = seen & n_mask[None, :] & r_mask[:, None]
-    else:  # unused by attend_tile
-        n_mask = r_mask
-        score_mask = r_mask[:, None]
+    n_mask = offs_n < hi  # attend_tile reads both masks only when MASKED
+    seen = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] > q_pos[:, None] - window)
+    score_mask = seen & n_mask[None, :] & r_mask[:, None]
     return attend_tile(
         q, m_i, l_i, acc, table_row, offs_n, n_mask, score_mask,
         k_base, v_base, stride_page, stride_tok, offs_d, d_mask, qk_scale, PAGE_SIZE, DOT_FP32, MASKED,

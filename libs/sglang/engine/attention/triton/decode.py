@@ -106,6 +106,15 @@ def _decode_merge_kernel(
 DEFAULT_MAX_KV_SPLITS = 32  # the fastest at batch 1 in benchmarks/attention_kernels.py --sweep (H100)
 
 
+def device_caps(device: torch.device) -> tuple[int, bool]:
+    """``(SM count, >= 160 KiB of shared memory per block)`` of ``device``, the two facts the
+    decode launch depends on (the interpreter: a small GPU's worth of programs, small memory)."""
+    if device.type != "cuda":
+        return 4, False
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 0) >= 160 * 1024
+
+
 def decode_launch(splits: int, big_smem: bool) -> dict[str, int]:
     """Launch parameters of the decode kernel for ``splits`` KV splits (``big_smem``: >= 160 KiB
     of shared memory per block). Whole contexts per program (one split, large batches) stream
