@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import random
 import statistics
@@ -203,6 +204,8 @@ class StepRecorder:
     def __init__(self) -> None:
         self.decode: list[tuple[int, int]] = []
         self.extend_steps = 0
+        self.launches: list[tuple[float, bool]] = []  # (perf_counter at the forward call, is decode)
+        self.start = self.end = 0.0  # the run's wall-clock bounds (set by ``run_workload``)
 
     @contextlib.contextmanager
     def attach(self, engine: Any) -> Iterator[StepRecorder]:
@@ -212,7 +215,9 @@ class StepRecorder:
         forward = runner.forward
 
         def recorded(inp: Any) -> Any:
-            if inp.mode is ForwardMode.DECODE:
+            decode = inp.mode is ForwardMode.DECODE
+            self.launches.append((time.perf_counter(), decode))
+            if decode:
                 self.decode.append((len(inp.extend_lens), sum(inp.prefix_lens) + len(inp.extend_lens)))
             else:
                 self.extend_steps += 1
@@ -223,6 +228,20 @@ class StepRecorder:
             yield self
         finally:
             del runner.forward
+
+    def wall_split(self) -> tuple[float, float, float, float]:
+        """Seconds before the first forward call, from each prefill (extend) call to the next call,
+        the same after decode calls, and after the last call. A call is made when the host has the
+        batch ready; with overlap scheduling the interval after it is about its GPU time."""
+        if not self.launches:
+            return self.end - self.start, 0.0, 0.0, 0.0
+        ext = dec = 0.0
+        for (t, decode), (t_next, _) in itertools.pairwise(self.launches):
+            if decode:
+                dec += t_next - t
+            else:
+                ext += t_next - t
+        return self.launches[0][0] - self.start, ext, dec, self.end - self.launches[-1][0]
 
     def decode_floor_s(self, cost: ModelCost, hw: Hardware) -> tuple[float, float, float]:
         """(decode floor seconds, bytes read, FLOPs) over the recorded decode steps."""
@@ -365,10 +384,12 @@ def run_workload(engine: Any, w: Workload, args: argparse.Namespace) -> Result:
     itl: list[float] = []
     rec = StepRecorder()
     with rec.attach(engine):
+        rec.start = time.perf_counter()
         if args.stream:
             ours_s, ttft, itl = run_ours_stream(engine, w, args.temperature)
         else:
             ours_s = run_ours(engine, w, args.temperature, args.device)
+        rec.end = time.perf_counter()
     others = meter.others_cores()
     after = engine.get_stats()
     engine.flush_cache()  # the next workload starts cold
@@ -446,6 +467,15 @@ def report(r: Result, args: argparse.Namespace, cost: ModelCost, hw: Hardware) -
         f"{hw.bandwidth_gbs:.0f} GB/s = {decode_s:.2f} s; floor {floor_s:.2f} s = "
         f"{w.output_tokens / floor_s:.0f} output tok/s. **Achieved {floor_s / r.ours_s:.1%} of the roofline** "
         f"({r.ours_s:.2f} s; {r.rec.extend_steps} prefill steps, {r.retractions} retractions)"
+    )
+    head, ext, dec, tail = r.rec.wall_split()
+    n_ext = max(r.rec.extend_steps, 1)
+    lines.append(
+        f"where the wall time went: {head:.2f} s before the first forward, {ext:.2f} s from prefill "
+        f"launches to the next launch ({ext / n_ext * 1e3:.1f} ms each), {dec:.2f} s from decode launches "
+        f"({dec / max(n_dec, 1) * 1e3:.2f} ms each; decode floor {decode_s / max(n_dec, 1) * 1e3:.2f} ms), "
+        f"{tail:.2f} s after the last launch; prefill at {prefill_s / ext if ext else NAN:.3f} of the matmul "
+        f"rate, decode at {dec / decode_s if decode_s else NAN:.2f}x its floor"
     )
     if r.hf_requests:
         lines.append(

@@ -100,3 +100,48 @@ def test_bf16_agrees_with_torch_native(tmp_path: Path) -> None:
                 break  # after the first divergence the continuations are not comparable
             same += 1
     assert same / total >= 0.95, f"{same}/{total} tokens agree"
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch_native"])
+def test_overlapped_prefill_step_never_waits_for_the_gpu(tmp_path: Path, backend: str) -> None:
+    """With overlap scheduling a prefill step is launched and sampled without reading anything
+    back, so the host admits the next batch while the GPU computes. torch's sync debug mode raises
+    on any synchronizing call (a blocking copy, ``.item()``, ``.tolist()`` of a device tensor)
+    during the first two steps (a chunk that does not sample, then one that does); the tokens
+    equal the synchronous scheduler's."""
+    path = make_tiny_model("llama", tmp_path, vocab_size=VOCAB, seed=4)
+    rng = random.Random(4)
+    prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (300, 40, 17)]
+    params = {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True}
+    outs: dict[str, list[list[int]]] = {}
+    for mode in ("off", "on"):
+        eng = Engine(model_path=str(path), skip_tokenizer_init=True, device="cuda", dtype="float32",
+                     max_total_tokens=8192, chunked_prefill_size=256, overlap_schedule=mode, attention_backend=backend)
+        try:
+            eng.generate(input_ids=[[1, 2, 3]] * 2, sampling_params=params)  # compile and warm up
+            reqs, _ = eng._make_requests(None, prompts, [params] * len(prompts), False, None, 0, False)
+
+            def body(s: object, reqs: list = reqs, mode: str = mode) -> list[list[int]]:
+                for r in reqs:
+                    s.add_request(r)  # type: ignore[attr-defined]
+                torch.cuda.synchronize()
+                if mode == "on":
+                    torch.cuda.set_sync_debug_mode("error")
+                try:
+                    s.step()  # type: ignore[attr-defined]  # 256 tokens of the first prompt, no sample
+                    s.step()  # type: ignore[attr-defined]  # the rest of the prompts; samples 3 rows
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                while s.has_work():  # type: ignore[attr-defined]
+                    s.step()  # type: ignore[attr-defined]
+                return [list(r.output_ids) for r in reqs]
+
+            outs[mode] = eng._loop.call(body, timeout=120)
+            if mode == "on":
+                assert eng.scheduler.num_overlapped_extends >= 2
+            eng.check_integrity()
+            assert eng.get_stats()["num_used_pages"] == 0
+        finally:
+            eng.shutdown()
+    assert outs["on"] == outs["off"]
+    assert all(len(o) == 5 for o in outs["on"])

@@ -86,6 +86,49 @@ def test_overlap_only_plain_requests_all_overlapped(model_dir: Path) -> None:
     assert eng.scheduler.num_overlapped_steps >= 10
 
 
+def test_overlap_runs_prefill_ahead_including_chunks(model_dir: Path) -> None:
+    """Prefill batches are launched before the previous batch's tokens are read, chunked prompts
+    (chunks that do not sample) included: the same tokens and logprobs as the synchronous
+    scheduler, every step overlapped, no pages leaked."""
+    prompts = _prompts(10, seed=21) + [[7] * 150, [9] * 61]
+    params = [{"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}] * len(prompts)
+    sync, _ = _run(model_dir, prompts, params, "off", page_size=4, chunked_prefill_size=48)
+    ov, eng = _run(model_dir, prompts, params, "on", page_size=4, chunked_prefill_size=48)
+    assert [o["output_ids"] for o in ov] == [o["output_ids"] for o in sync]
+    for a, b in zip(ov, sync, strict=True):
+        assert _logprobs(a) == pytest.approx(_logprobs(b), abs=1e-4)
+    s = eng.scheduler
+    extends = sum(len(p) for p in prompts) // 48  # at least this many prefill steps
+    assert s.num_overlapped_extends >= extends
+    assert s.num_overlapped_steps == s.num_steps  # nothing here needs a synchronous step
+
+
+def test_prompt_logprobs_keep_prefill_synchronous(model_dir: Path) -> None:
+    """Prompt logprobs are read from a prefill's logits on the host, so those prefill batches run
+    synchronously (decode still overlaps); values equal the synchronous scheduler's."""
+    prompts = _prompts(6, seed=22)
+    params = [{"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}] * len(prompts)
+    outs: dict[str, Any] = {}
+    for mode in ("off", "on"):
+        eng = Engine(model_path=str(model_dir), skip_tokenizer_init=True, device="cpu", dtype="float32",
+                     overlap_schedule=mode, page_size=4, chunked_prefill_size=32)
+        try:
+            outs[mode] = eng.generate(input_ids=prompts, sampling_params=params, return_logprob=True, logprob_start_len=0)
+            eng.check_integrity()
+            assert eng.get_stats()["num_used_pages"] == 0
+            if mode == "on":
+                assert eng.scheduler.num_overlapped_extends == 0
+                assert eng.scheduler.num_overlapped_steps > 0
+        finally:
+            eng.shutdown()
+    assert [o["output_ids"] for o in outs["on"]] == [o["output_ids"] for o in outs["off"]]
+    for a, b in zip(outs["on"], outs["off"], strict=True):
+        pa = [lp[0] for lp in a["meta_info"]["input_token_logprobs"]]
+        pb = [lp[0] for lp in b["meta_info"]["input_token_logprobs"]]
+        assert pa[0] is None and pb[0] is None and len(pa) == len(pb)
+        assert pa[1:] == pytest.approx(pb[1:], abs=1e-4)
+
+
 def test_overlap_with_retraction(model_dir: Path) -> None:
     prompts = _prompts(12, seed=11)
     params = [{"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}] * len(prompts)

@@ -7,6 +7,7 @@ short), insert, free duplicates, unlock, optionally keep the result locked like 
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 
 import pytest
@@ -24,6 +25,28 @@ LONG_TOKENS = st.lists(st.integers(0, 1), min_size=12, max_size=40)
 EXTRA_KEYS = st.sampled_from([None, "a"])
 
 Key = tuple[str | None, tuple[int, ...]]
+
+
+def full_scan_eviction(cache: RadixCache, n: int) -> list[int]:
+    """The pages ``cache.evict(n)`` must free, in order, computed without changing the cache: every
+    unlocked leaf in policy order, a leaf's last page first, a parent joining the candidates once
+    its children are gone (the cache keeps its candidates in a heap across calls instead)."""
+    heap = [(cache.policy.priority(x), x.id, x) for x in cache._iter_nodes() if x.is_leaf and x.lock_ref == 0]
+    heapq.heapify(heap)
+    gone: set[int] = set()
+    freed: list[int] = []
+    while heap and len(freed) < n:
+        _, _, node = heapq.heappop(heap)
+        take = min(n - len(freed), len(node.pages))
+        freed.extend(reversed(node.pages[-take:]))
+        if take < len(node.pages):
+            break
+        gone.add(node.id)
+        parent = node.parent
+        assert parent is not None
+        if not parent.is_root and parent.lock_ref == 0 and all(c.id in gone for c in parent.children.values()):
+            heapq.heappush(heap, (cache.policy.priority(parent), parent.id, parent))
+    return freed
 
 
 class RadixMachine(RuleBasedStateMachine):
@@ -63,7 +86,9 @@ class RadixMachine(RuleBasedStateMachine):
     def do_evict(self, n: int, transient: list[int]) -> list[int]:
         _, cache = self._c()
         locked = self.locked_pages(transient)
+        expected = full_scan_eviction(cache, n)
         freed = cache.evict(n)
+        assert freed == expected, "eviction order differs from a full scan of the tree"
         assert len(freed) == min(max(n, 0), len(self.model) - len(locked))
         assert not set(freed) & locked, "a locked page was evicted"
         for p in freed:

@@ -42,7 +42,7 @@ class TorchNativeBackend(AttentionBackend):
         masks: list[torch.Tensor | None] = []
         off = 0
         table = batch.req_to_token.table
-        rows = batch.req_pool_indices.tolist()
+        rows = batch.req_rows()
         for row, pre, ext in zip(rows, batch.prefix_lens_cpu, batch.extend_lens_cpu, strict=True):
             seq = pre + ext
             starts.append(off)

@@ -30,6 +30,13 @@ evicted and the leaf keeps its head. So ``evict(n)`` frees exactly ``min(n, num_
 pages. Pages come back deepest first (a leaf's last page first); a parent that becomes an unlocked
 leaf joins the candidates with its own priority. ``last_access`` is a logical clock advanced once per
 node touched, root to leaf, so it is unique per node and the order is total and deterministic.
+
+The candidates live in a heap kept across calls, so ``evict`` costs O(log n) per leaf instead of a
+walk over the whole tree (a decode step that needs one page per request crossing a page boundary
+called it ~16 times per step at batch 256). Entries are pushed whenever a node's priority or leaf
+status may have changed and checked when popped: an entry counts only if its node is still in the
+tree, an unlocked leaf, and its recorded priority is the node's current one. The heap is rebuilt from
+the tree when stale entries outnumber the live nodes.
 """
 
 from __future__ import annotations
@@ -177,6 +184,9 @@ class RadixCache:
         self._num_locked = 0
         self._clock = 0
         self._ids = itertools.count(1)
+        # Eviction candidates: (priority, id, node), possibly stale (see the module docstring).
+        self._heap: list[tuple[tuple[int, ...], int, TreeNode]] = []
+        self._num_nodes = 0
 
     # ------------------------------------------------------------------ queries
 
@@ -273,6 +283,7 @@ class RadixCache:
                 hashes.append(prev)
             new = TreeNode(next(self._ids), extra_key, node, units[n_match:], new_pages, hashes)
             node.children[new.key[0]] = new
+            self._num_nodes += 1
             self._touch([new], hit=False)
             self._cached.update(new_pages)
             node = new
@@ -308,6 +319,7 @@ class RadixCache:
             n.lock_ref -= 1
             if n.lock_ref == 0:
                 self._num_locked -= len(n.pages)
+                self._candidate(n)
             n = n.parent
 
     # ------------------------------------------------------------------ eviction
@@ -321,26 +333,25 @@ class RadixCache:
         """
         if num_pages <= 0:
             return []
-        heap = [
-            (self.policy.priority(n), n.id, n) for n in self._iter_nodes() if n.is_leaf and n.lock_ref == 0
-        ]
-        heapq.heapify(heap)
         freed: list[int] = []
         freed_hashes: list[int] = []
-        while heap and len(freed) < num_pages:
-            _, _, node = heapq.heappop(heap)
+        while self._heap and len(freed) < num_pages:  # not aliased: ``_candidate`` may rebuild it
+            prio, _, node = heapq.heappop(self._heap)
+            if node.removed or not node.is_leaf or node.lock_ref or prio != self.policy.priority(node):
+                continue  # stale: a current entry for this node is elsewhere in the heap, if any
             take = min(num_pages - len(freed), len(node.pages))
             freed.extend(reversed(node.pages[-take:]))
             freed_hashes.extend(reversed(node.hashes[-take:]))
             if take < len(node.pages):
                 del node.key[-take:], node.pages[-take:], node.hashes[-take:]
+                self._candidate(node)  # still a candidate, with its priority after the cut
                 continue
             parent = self._remove_leaf(node)
             if parent.is_root:
                 if not parent.children and self._roots.get(parent.extra_key) is parent:
                     del self._roots[parent.extra_key]
-            elif parent.is_leaf and parent.lock_ref == 0:
-                heapq.heappush(heap, (self.policy.priority(parent), parent.id, parent))
+            else:
+                self._candidate(parent)
         self._cached.difference_update(freed)
         self.allocator.free(freed)
         self.stats.num_evictions += len(freed)
@@ -360,6 +371,8 @@ class RadixCache:
             node.parent = None
         self._roots.clear()
         self._cached.clear()
+        self._heap.clear()
+        self._num_nodes = 0
         self.allocator.free(pages)
         self._publish([AllBlocksCleared()])
         return True
@@ -418,6 +431,12 @@ class RadixCache:
             assert 0 < node.last_access <= self._clock, f"{node!r}: last_access out of clock"
             if node.lock_ref > 0:
                 locked += len(node.pages)
+        nodes = list(self._iter_nodes())
+        assert self._num_nodes == len(nodes), f"node count {self._num_nodes} != {len(nodes)} in tree"
+        entries = {(prio, node_id) for prio, node_id, n in self._heap if n.id == node_id}
+        for node in nodes:
+            if node.is_leaf and node.lock_ref == 0:
+                assert (self.policy.priority(node), node.id) in entries, f"{node!r}: evictable, not in the heap"
         assert seen == self._cached, f"cached set drifted: {len(seen)} in tree, {len(self._cached)} counted"
         assert locked == self._num_locked, f"locked pages {self._num_locked} counted, {locked} in tree"
         assert self.num_evictable_pages + self.num_locked_pages == self.num_cached_pages
@@ -481,6 +500,8 @@ class RadixCache:
         node.key, node.pages, node.hashes = node.key[m:], node.pages[m:], node.hashes[m:]
         node.parent = head
         head.children[node.key[0]] = node
+        self._num_nodes += 1
+        self._candidate(node)  # its key and pages changed (a policy may read them)
         return head
 
     def _touch(self, nodes: list[TreeNode], hit: bool) -> None:
@@ -489,6 +510,21 @@ class RadixCache:
             n.last_access = self._clock
             if hit:
                 n.hit_count += 1
+            self._candidate(n)
+
+    def _candidate(self, node: TreeNode) -> None:
+        """Record ``node``'s current priority if it is an evictable leaf now (call after any change
+        to its priority, lock or children)."""
+        if not node.is_leaf or node.lock_ref or node.removed or node.is_root:
+            return
+        if len(self._heap) > 4 * self._num_nodes + 64:
+            self._rebuild_heap()
+        heapq.heappush(self._heap, (self.policy.priority(node), node.id, node))
+
+    def _rebuild_heap(self) -> None:
+        """Drop stale entries: one entry per evictable leaf."""
+        self._heap = [(self.policy.priority(n), n.id, n) for n in self._iter_nodes() if n.is_leaf and n.lock_ref == 0]
+        heapq.heapify(self._heap)
 
     def _remove_leaf(self, node: TreeNode) -> TreeNode:
         parent = node.parent
@@ -496,6 +532,7 @@ class RadixCache:
         del parent.children[node.key[0]]
         node.parent = None
         node.removed = True
+        self._num_nodes -= 1
         return parent
 
     def _validate_pages(self, pages: list[int], units: list[Unit], extra_key: str | None) -> None:

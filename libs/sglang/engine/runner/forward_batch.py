@@ -39,6 +39,12 @@ class ForwardBatch:
     attn_backend: AttentionBackend
     # Backend-private per-batch data, filled by ``attn_backend.init_forward_metadata``.
     attn_metadata: Any = field(default=None)
+    # ``req_pool_indices`` on the host, when the builder has them (reading the device tensor back
+    # would wait for the GPU: no host/GPU overlap).
+    req_rows_cpu: list[int] | None = None
+
+    def req_rows(self) -> list[int]:
+        return self.req_rows_cpu if self.req_rows_cpu is not None else self.req_pool_indices.tolist()
 
     @property
     def is_decode(self) -> bool:

@@ -1,7 +1,7 @@
-"""Overlap scheduling (SGLang's "zero-overhead" scheduler): while the GPU runs decode batch N+1,
-the CPU turns batch N's sampled tokens into outputs.
+"""Overlap scheduling (SGLang's "zero-overhead" scheduler): while the GPU runs batch N+1, the CPU
+turns batch N's sampled tokens into outputs.
 
-A decode batch is launched, sampled on the device, and its tokens are copied to pinned host memory
+A batch is launched, sampled on the device, and its tokens are copied to pinned host memory
 without waiting; the batch becomes *in flight*. Each of its requests records a pending future
 (its row in the batch) in ``Request.pending_futures``, so the two counters already count the
 unseen token (``num_known`` includes it) and the next decode batch can be scheduled at once: its
@@ -10,9 +10,14 @@ the device with the in-flight batch's sampled token. Only then does the CPU wait
 tokens (long done by then) and append them; a request that finished at N (EOS, stop string) was
 already part of N+1, whose extra token for it is dropped.
 
-Only plain decode requests take part (no grammar, penalties, min_new_tokens or top logprobs,
-which need every token on the host before the next step); anything else, and any step that
-might retract or chunk a prefill, first resolves the batch in flight (see ``may_run_ahead``).
+Prefill (extend) batches take part too: a prompt's last chunk samples its first token like a
+decode step, and a chunk that does not sample only needs its pages handed to the prefix cache,
+which the host can do at launch (the GPU runs the batches in order, so a later batch that reuses
+those pages reads them after they are written). Prompt logprobs keep an extend batch synchronous.
+
+Only plain requests take part (no grammar, penalties, min_new_tokens or top logprobs, which need
+every token on the host before the next step); anything else, and any step that might retract,
+first resolves the batch in flight (see ``Scheduler._may_run_ahead``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from sglang.engine.runner.forward_batch import ForwardMode
+
 if TYPE_CHECKING:
     from sglang.engine.scheduler.batch import ScheduledBatch
     from sglang.engine.scheduler.request import Request
@@ -29,7 +36,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class InflightBatch:
-    """A sampled decode batch whose tokens have not been read on the host yet."""
+    """A sampled batch whose tokens have not been read on the host yet."""
 
     reqs: list[Request]  # in sampling order; row i sampled reqs[i]
     next_ids: torch.Tensor  # [n] int64 on the device: what placeholders resolve to
@@ -71,4 +78,8 @@ def plain_decode(req: Request) -> bool:
 
 
 def overlappable(batch: ScheduledBatch) -> bool:
-    return all(e.samples and e.num_tokens == 1 and plain_decode(e.req) for e in batch.entries)
+    """Decode: every request plain. Extend: every request that samples plain, and no prompt
+    logprobs (they are read from the logits on the host)."""
+    if batch.mode is ForwardMode.DECODE:
+        return all(e.samples and e.num_tokens == 1 and plain_decode(e.req) for e in batch.entries)
+    return all(not e.logprob_positions and (not e.samples or plain_decode(e.req)) for e in batch.entries)

@@ -7,8 +7,8 @@ Requests join between steps. A step is either an EXTEND batch (prompt chunks of 
 partly prefilled requests, bounded by ``chunked_prefill_size``) or a DECODE batch (one token for
 every running request). When a decode step cannot get pages, the newest running requests are
 retracted to the front of the waiting queue and recomputed later. With overlap scheduling (on
-for CUDA), plain decode steps are launched before the previous step's tokens are read on the host
-(engine/scheduler/overlap.py).
+for CUDA), plain decode and prefill steps are launched before the previous step's tokens are read
+on the host (engine/scheduler/overlap.py).
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ class Scheduler:
         self.overlap = mode == "on" or (mode == "auto" and runner.device.type == "cuda")
         self.inflight: InflightBatch | None = None
         self.num_overlapped_steps = 0
+        self.num_overlapped_extends = 0
 
     # ---- requests in and out -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -139,13 +140,16 @@ class Scheduler:
             return done
         self.idle = False
         self.num_steps += 1
-        if self.overlap and batch.mode is ForwardMode.DECODE and overlappable(batch):
-            # Launch this batch before reading the previous one's tokens (placeholders stand in).
+        decode = batch.mode is ForwardMode.DECODE
+        if self.overlap and (decode or self.pd is None) and overlappable(batch):
+            # Launch this batch before reading the previous one's tokens (placeholders stand in;
+            # an extend batch has none: its tokens are prompts and outputs read before admission).
             prev = self.inflight
-            inp = self._model_input(batch, prev.next_ids if prev is not None else None)
+            inp = self._model_input(batch, prev.next_ids if prev is not None and decode else None)
             logits = self.runner.forward(inp).logits
             nxt = self._launch(batch, logits)
             self.num_overlapped_steps += 1
+            self.num_overlapped_extends += not decode
             done += self._resolve() if prev is not None else []
             self.inflight = nxt
             return done
@@ -157,7 +161,7 @@ class Scheduler:
                 if not batch.entries:
                     return done
                 out = self.runner.forward(self._model_input(batch))
-            else:  # admitted prompts only (``_may_run_ahead``): independent of the tokens in flight
+            else:  # prompt chunks only (``_may_run_ahead``): independent of the tokens in flight
                 out = self.runner.forward(self._model_input(batch))
                 done += self._resolve()
         else:
@@ -167,19 +171,21 @@ class Scheduler:
 
     # ---- overlap scheduling (engine/scheduler/overlap.py) -----------------------------------
     def _may_run_ahead(self) -> bool:
-        """Whether the next step may be scheduled with a batch in flight: no running request is
-        mid-prefill (a chunk could retract) and the next decode step needs no retraction."""
-        need = 0
-        for r in self.running:
-            if r.status is Status.RUNNING and self._in_prefill(r):
-                return False
-            need += self.kv.pages_needed(r, r.num_known)
+        """Whether the next step may be scheduled with a batch in flight: it must not retract, so
+        every running request must be able to grow to all of its known tokens (the rest of a
+        chunked prompt, or the next decode token) from the free pages."""
+        need = sum(self.kv.pages_needed(r, r.num_known) for r in self.running if r.status is Status.RUNNING)
         return need <= self.kv.available_pages
 
-    def _launch(self, batch: ScheduledBatch, logits: torch.Tensor) -> InflightBatch:
-        reqs = [e.req for e in batch.entries]
+    def _launch(self, batch: ScheduledBatch, logits: torch.Tensor) -> InflightBatch | None:
+        """Sample ``batch``'s rows on the device without reading them (None: no row samples)."""
         for e in batch.entries:
             e.req.num_computed = e.end
+            if batch.mode is ForwardMode.EXTEND:
+                self.kv.cache_computed(e.req)  # in-flight prefix: later arrivals reuse it
+        reqs = [e.req for e in batch.entries if e.samples]
+        if not reqs:
+            return None
         sb = SamplingBatch.build(
             [r.params for r in reqs], [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],
             self.eos_token_ids, self.vocab_size, logits.device, [r.generator for r in reqs],

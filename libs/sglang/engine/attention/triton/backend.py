@@ -114,7 +114,7 @@ class TritonBackend(AttentionBackend):
         if batch.is_decode:
             batch.attn_metadata = None  # decode reads the batch's own device tensors
             return
-        batch.attn_metadata = _ExtendMeta(rows=batch.req_pool_indices.tolist())
+        batch.attn_metadata = _ExtendMeta(rows=batch.req_rows())
 
     def forward(
         self,

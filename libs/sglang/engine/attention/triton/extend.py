@@ -24,6 +24,7 @@ from sglang.engine.attention.triton.common import (
     interpreting,
     kv_strides,
 )
+from sglang.utils.tensors import to_device
 
 BLOCK_ROWS = 64  # query rows (tokens x group heads) per program
 BLOCK_N = 64  # keys per step
@@ -106,7 +107,7 @@ def extend_tiles(
         for s in range(0, ext, per):
             tiles.append([row, tok0 + s, pre + s, min(per, ext - s)])
         tok0 += ext
-    return torch.tensor(tiles, dtype=torch.int32).reshape(-1, 4).to(device)
+    return to_device(tiles, torch.int32, device).reshape(-1, 4)  # pinned, non-blocking: no wait on the GPU
 
 
 def extend_attention(
