@@ -103,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="tokens HF generates per point for its decode time (default: the output length)")
     p.add_argument("--repeats", type=int, default=1, help="run each point this many times; best prefill, median decode")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature for ours and HF (0: greedy; offline.py samples at 0.6)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                    help="before each measurement wait up to S seconds for other processes to go quiet")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -144,16 +146,17 @@ def make_engine(model: BenchModel, args: argparse.Namespace, max_tokens: int, ma
     )
 
 
-def _requests(engine: Any, prompts: list[list[int]], output_len: int) -> list[Any]:
-    params = [{"max_new_tokens": output_len, "temperature": 0.0, "ignore_eos": True} for _ in prompts]
+def _requests(engine: Any, prompts: list[list[int]], output_len: int, temperature: float = 0.0) -> list[Any]:
+    params = [{"max_new_tokens": output_len, "temperature": temperature, "ignore_eos": True} for _ in prompts]
     reqs, _ = engine._make_requests(None, prompts, params, False, None, 0, False)
     return list(reqs)
 
 
-def run_ours(engine: Any, prompts: list[list[int]], output_len: int, device: str) -> tuple[float, int, list[float]]:
+def run_ours(engine: Any, prompts: list[list[int]], output_len: int, device: str,
+             temperature: float = 0.0) -> tuple[float, int, list[float]]:
     """Prefill seconds, prefill steps, and the list of decode-step seconds, measured on the
     scheduler thread (synchronized with the GPU around every timed region)."""
-    reqs = _requests(engine, prompts, output_len)
+    reqs = _requests(engine, prompts, output_len, temperature)
 
     def body(s: Any) -> tuple[float, int, list[float]]:
         if s.has_work():
@@ -163,9 +166,11 @@ def run_ours(engine: Any, prompts: list[list[int]], output_len: int, device: str
         sync(device)
         t0 = time.perf_counter()
         prefill_steps = 0
-        while any(not r.output_ids for r in reqs) and prefill_steps <= len(reqs) * len(prompts[0]):
+        # With overlap scheduling the last prefill step's tokens are still in flight: read them.
+        while any(r.num_computed < len(r.prompt_ids) for r in reqs) and prefill_steps <= len(reqs) * len(prompts[0]):
             s.step()
             prefill_steps += 1
+        s.drain()
         sync(device)
         prefill = time.perf_counter() - t0
         bad = [r for r in reqs if r.num_computed != len(r.prompt_ids) or len(r.output_ids) != 1]
@@ -192,13 +197,14 @@ def run_ours(engine: Any, prompts: list[list[int]], output_len: int, device: str
 
 
 # ---- HF --------------------------------------------------------------------------------------
-def run_hf(model: Any, prompts: list[list[int]], output_len: int) -> tuple[float, float]:
+def run_hf(model: Any, prompts: list[list[int]], output_len: int, temperature: float = 0.0) -> tuple[float, float]:
     """HF prefill seconds and decode seconds per step."""
     device = str(model.device)
     ids = torch.tensor(prompts, dtype=torch.int64, device=device)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
     kw: dict[str, Any] = {
         "attention_mask": torch.ones_like(ids),
-        "do_sample": False,
+        **sampling,
         "use_cache": True,
         "pad_token_id": model.generation_config.pad_token_id or 0,
     }
@@ -350,13 +356,13 @@ def _short(file: str) -> str:
     return os.path.basename(file)
 
 
-def profile_point(engine: Any, prompts: list[list[int]], steps: int) -> str:
+def profile_point(engine: Any, prompts: list[list[int]], steps: int, temperature: float = 0.0) -> str:
     """Prefill and decode of one batch: phase breakdown, torch.profiler's top operators and
     cProfile's top Python functions. Returns a Markdown report."""
     from torch.profiler import ProfilerActivity, profile
 
     out_len = 3 * steps + 8
-    reqs = _requests(engine, prompts, out_len)
+    reqs = _requests(engine, prompts, out_len, temperature)
     bs, in_len = len(prompts), len(prompts[0])
 
     def body(s: Any) -> str:
@@ -378,8 +384,9 @@ def profile_point(engine: Any, prompts: list[list[int]], steps: int) -> str:
             lines += ["Prefill step on the GPU (torch.profiler, CUDA kernels):", "",
                       gpu_kernel_table(prof, 1, wall, 25), "", gpu_gap_table(prof, 1), ""]
 
-        while any(not r.output_ids for r in reqs):  # the rest of a prefill split into chunks
+        while any(r.num_computed < len(r.prompt_ids) for r in reqs):  # the rest of a prefill split into chunks
             s.step()
+        s.drain()
         s.step()  # one decode step, unmeasured
         with phase_timers(s) as timer:
             t0 = time.perf_counter()
@@ -500,7 +507,7 @@ def main(argv: list[str] | None = None) -> None:
         wait_for_quiet(args.wait_quiet)
         meter = LoadMeter()
         for _ in range(args.repeats):
-            pre, n_pre, steps = run_ours(engine, prompts, out_len, args.device)
+            pre, n_pre, steps = run_ours(engine, prompts, out_len, args.device, args.temperature)
             engine.flush_cache()  # the next repeat computes its prompts again
             prefills.append(pre)
             prefill_steps.append(n_pre)
@@ -519,7 +526,8 @@ def main(argv: list[str] | None = None) -> None:
     prof = ""
     if args.profile:
         bs, in_len, _ = grid[-1]
-        prof = profile_point(engine, random_prompts(bs, in_len, cost.vocab, args.seed), args.profile_steps)
+        prof = profile_point(engine, random_prompts(bs, in_len, cost.vocab, args.seed), args.profile_steps,
+                             args.temperature)
     # HF runs after our engine is gone: on a GPU both would not fit next to each other.
     free_engine(engine)
     del engine
@@ -551,7 +559,7 @@ def run_hf_points(model: BenchModel, dtype: torch.dtype, args: argparse.Namespac
         n = args.hf_output_len or pt.output_len
         hf_pre, hf_dec = [], []
         for _ in range(args.repeats):
-            hp, hd = run_hf(hf, prompts, n)
+            hp, hd = run_hf(hf, prompts, n, args.temperature)
             hf_pre.append(hp)
             hf_dec.append(hd)
         pt.hf_prefill_s, pt.hf_decode_s = min(hf_pre), statistics.median(hf_dec)

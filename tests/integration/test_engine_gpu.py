@@ -145,3 +145,41 @@ def test_overlapped_prefill_step_never_waits_for_the_gpu(tmp_path: Path, backend
             eng.shutdown()
     assert outs["on"] == outs["off"]
     assert all(len(o) == 5 for o in outs["on"])
+
+
+def test_fused_temperature_sampling_matches_hf_distribution(tmp_path: Path) -> None:
+    """Temperature-only sampling on CUDA takes the one-pass Triton draw; the first tokens of 3000
+    identical requests follow HF's ``softmax(logits / T)`` for the prompt (5 standard deviations)."""
+    from sglang.engine.sampling.params import SamplingParams
+    from sglang.engine.sampling.sampler import SamplingBatch, fused_sampling_applies
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_model("llama", tmp_path, vocab_size=VOCAB, seed=6)
+    prompt, temp, n = [5, 17, 99, 3, 42, 7], 0.8, 3000
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    with torch.inference_mode():
+        logits = hf(torch.tensor([prompt], device="cuda")).logits[0, -1].float()
+    expected = torch.softmax(logits / temp, -1).cpu()
+    del hf
+    sb = SamplingBatch.build([SamplingParams(temperature=temp)], [prompt], [[]], [], VOCAB, "cuda", [None])
+    row = torch.zeros(1, VOCAB, device="cuda")
+    assert fused_sampling_applies(row, sb)
+    for p in (SamplingParams(temperature=temp, top_p=0.9), SamplingParams(temperature=temp, top_k=5),
+              SamplingParams(temperature=temp, min_p=0.1)):  # filters keep the torch path
+        assert not fused_sampling_applies(row, SamplingBatch.build([p], [prompt], [[]], [], VOCAB, "cuda", [None]))
+    seeded = SamplingBatch.build([SamplingParams(temperature=temp)], [prompt], [[]], [], VOCAB, "cuda",
+                                 [torch.Generator("cuda").manual_seed(1)])
+    assert not fused_sampling_applies(row, seeded)  # a seeded row keeps its own generator's stream
+    eng = Engine(model_path=str(path), skip_tokenizer_init=True, device="cuda", dtype="float32",
+                 max_total_tokens=65536, max_running_requests=512)
+    try:
+        params = {"temperature": temp, "max_new_tokens": 1, "ignore_eos": True}
+        outs = eng.generate(input_ids=[prompt] * n, sampling_params=params)
+        eng.check_integrity()
+        assert eng.get_stats()["num_used_pages"] == 0
+    finally:
+        eng.shutdown()
+    first = torch.tensor([o["output_ids"][0] for o in outs])  # type: ignore[index]
+    freq = torch.bincount(first, minlength=VOCAB).double() / n
+    assert float((freq - expected.double()).abs().max()) <= 5 * (0.25 / n) ** 0.5
+    assert len(set(first.tolist())) > 1  # it samples, not argmax

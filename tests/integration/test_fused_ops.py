@@ -95,7 +95,33 @@ def silu_case(device: str, dtype: str, rows: int, n: int, seed: int = 0) -> floa
     return _close(triton_ops.silu_and_mul(x), F.silu(gate) * up, dtype)
 
 
-CASES: dict[str, Callable[..., float]] = {"norm_case": norm_case, "rotary_case": rotary_case, "silu_case": silu_case}
+def sample_case(device: str, vocab: int, rows: int, block: int, seed: int = 0) -> float:
+    """``sample_with_temperature`` on ``rows`` copies of one logits row: ten tokens spread over the
+    vocabulary (across kernel blocks) carry the mass, the rest are -inf (never drawn) or -1e4. Half
+    the rows sample at temperature 0.5, half at 1.5. Returns the largest gap between a token's
+    drawn frequency and its softmax probability over both halves."""
+    from sglang.engine.layers.fused import triton_ops
+
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.full((vocab,), float("-inf"))
+    logits[1::2] = -1e4
+    support = torch.linspace(0, vocab - 1, 10).round().long()
+    logits[support] = torch.randn(10, generator=gen) * 1.5
+    temps = torch.tensor([0.5] * (rows // 2) + [1.5] * (rows - rows // 2))
+    batch = logits.repeat(rows, 1).to(device)
+    out = triton_ops.sample_with_temperature(batch, (1 / temps).to(device), seed=1234 + seed, block=block).cpu()
+    assert out.shape == (rows,) and out.dtype == torch.int64
+    assert bool(torch.isin(out, support).all()), f"drew tokens outside the support: {sorted(set(out.tolist()) - set(support.tolist()))[:5]}"
+    worst = 0.0
+    for half, t in ((out[: rows // 2], 0.5), (out[rows // 2 :], 1.5)):
+        freq = torch.bincount(half, minlength=vocab).double() / len(half)
+        worst = max(worst, float((freq - torch.softmax(logits.double() / t, -1)).abs().max()))
+    return worst
+
+
+CASES: dict[str, Callable[..., float]] = {
+    "norm_case": norm_case, "rotary_case": rotary_case, "silu_case": silu_case, "sample_case": sample_case,
+}
 
 
 def _round_bf16_like_gpu() -> None:
@@ -174,6 +200,28 @@ def test_silu_and_mul_matches_torch(run: Run, device: str, dtype: str, rows: int
     assert run("silu_case", dtype=dtype, rows=rows, n=n) <= MAX_ABS[dtype]
 
 
+@_params("vocab,rows,block", {
+    "interpret": [(40, 400, 16)],  # ~8 s: the interpreter runs one program per row
+    "cuda": [(100, 200_000, 2048), (128256, 16_000, 2048), (151936, 4000, 1024)],  # rows x vocab < 2**31
+})
+def test_sampling_kernel_draws_from_softmax(run: Run, device: str, vocab: int, rows: int, block: int) -> None:
+    """The one-pass Gumbel-max sampler draws each token with its softmax probability at the row's
+    temperature (5 standard deviations of the frequency estimate: deterministic seeds, so not flaky)
+    and never draws a -inf token."""
+    assert run("sample_case", vocab=vocab, rows=rows, block=block) <= 5 * (0.25 / (rows // 2)) ** 0.5
+
+
+def test_sampling_kernel_rejects_too_large_launch() -> None:
+    """Philox offsets are int32: a batch x vocabulary of 2**31 or more is refused with a clear error
+    (the sampler checks first and keeps the torch path for it)."""
+    pytest.importorskip("triton")
+    from sglang.engine.layers.fused import triton_ops
+
+    big = torch.empty(2**31 // 1024 + 1, 1024).as_strided((2**31 // 1024 + 1, 1024), (0, 1))  # no memory
+    with pytest.raises(ValueError, match="too large for one sampling launch"):
+        triton_ops.sample_with_temperature(big, torch.ones(1), seed=0)
+
+
 def test_cpu_keeps_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """CPU tensors never take the fused path; CUDA tensors do unless SGLANG_DISABLE_FUSED_OPS is set
     (read on the first decision, not at import)."""
@@ -215,6 +263,8 @@ def test_kernels_compile_for_sm90() -> None:
                                          "PASS": 0, "BLOCK_PASS": 1},
              {"pos_ptr": "*i64", "cache_ptr": "*fp32"}, 4),
             (triton_ops._silu_and_mul_kernel, {"BLOCK": 1024}, {}, 4),
+            (triton_ops._sample_kernel, {"V": 128256, "BLOCK": 2048}, {"logits_ptr": "*fp32", "inv_temp_ptr": "*fp32",
+                                                                        "out_ptr": "*i64", "seed": "i64"}, 8),
         ]
         for kernel, consts, special, warps in kernels:
             sig = {

@@ -111,3 +111,23 @@ def test_req_to_token_rows() -> None:
     t.free(r0)
     with pytest.raises(ValueError):
         t.free(r0)
+
+
+def test_req_to_token_writes_are_staged_and_applied_in_order() -> None:
+    """Writes wait on the host until the table is read or flushed, then land together; a write that
+    overlaps a staged one flushes first, so the later value wins; out-of-range writes are refused."""
+    t = ReqToTokenPool(max_reqs=3, max_context_len=8, device="cpu")
+    t.write(0, 0, [11, 12, 13])
+    t.write(1, 4, torch.tensor([21, 22]))
+    t.write(0, 3, [14])  # adjacent, no overlap: stays staged
+    assert t._table.sum() == 0  # nothing applied yet
+    t.write(0, 2, [99, 15])  # overlaps token 2 of the first write: flush, then stage
+    assert t._table[0, :4].tolist() == [11, 12, 13, 14]
+    assert t.table[0, :5].tolist() == [11, 12, 99, 15, 0]  # reading applies the rest
+    assert t.table[1].tolist() == [0, 0, 0, 0, 21, 22, 0, 0]
+    for row, start, n in [(3, 0, 1), (0, 7, 2), (0, -1, 1)]:
+        with pytest.raises(ValueError, match="outside the table"):
+            t.write(row, start, list(range(n)))
+    t.flush()
+    t.flush()  # nothing staged: a no-op
+    assert t.table[2].tolist() == [0] * 8

@@ -105,6 +105,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, inp: ModelInput) -> ModelOutput:
+        self.req_to_token.flush()  # staged page-table writes, before anything reads the table
         if self.graphs is not None and self.graphs.can_run(inp):
             return ModelOutput(logits=self.graphs.run(inp))
         dev = self.device

@@ -130,10 +130,10 @@ class KVSlots:
     def _write_pages(self, req: Request, first_page: int, pages: list[int]) -> None:
         assert req.row is not None
         ps = self.page_size
-        slots = (torch.tensor(pages, dtype=torch.int64).unsqueeze(1) * ps + torch.arange(ps)).flatten()
         start = first_page * ps
-        end = min(start + slots.numel(), self.req_to_token.max_context_len)
-        self.req_to_token.write(req.row, start, slots[: end - start])
+        n = min(len(pages) * ps, self.req_to_token.max_context_len - start)
+        slots = [p * ps + i for p in pages for i in range(ps)] if ps > 1 else list(pages)
+        self.req_to_token.write(req.row, start, slots[:n])
 
     def slots(self, req: Request, start: int, end: int) -> torch.Tensor:
         assert req.row is not None

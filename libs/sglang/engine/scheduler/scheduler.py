@@ -193,6 +193,11 @@ class Scheduler:
         res = self.sampler(logits, sb, None, need_logprobs=any(r.return_logprob for r in reqs))
         return InflightBatch.launch(reqs, res.next_token_ids, res.logprobs)
 
+    def drain(self) -> list[Request]:
+        """Read the batch in flight, if any (overlap scheduling): afterwards every token launched
+        so far is on the host. Returns the updated requests."""
+        return self._resolve() if self.inflight is not None else []
+
     def _resolve(self) -> list[Request]:
         """Read the in-flight batch's tokens and append them (a finished request's are dropped)."""
         inf = self.inflight
@@ -233,7 +238,7 @@ class Scheduler:
                 continue
             entries.append(self._entry(req, n))
             budget -= n
-        if not self.waiting or budget <= 0:
+        if not self.waiting or budget <= 0 or len(self.running) >= self.settings.max_running_requests:
             return entries
         for req in self.policy.order(self.waiting, self.kv):
             if budget <= 0 or len(self.running) >= self.settings.max_running_requests:

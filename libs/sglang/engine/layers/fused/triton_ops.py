@@ -106,6 +106,30 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, n, BLOCK: tl.cons
     tl.store(out_ptr + row * stride_out + cols, (act * up).to(dtype), mask=mask)
 
 
+@triton.jit
+def _sample_kernel(logits_ptr, inv_temp_ptr, out_ptr, stride, seed, V: tl.constexpr, BLOCK: tl.constexpr):
+    """One row: ``argmax_i(logit_i * inv_temp + g_i)``, ``g_i = -log(-log(u_i))`` with ``u_i`` uniform
+    (philox; ``seed`` at offset ``row * V + i``): a Gumbel-max draw from ``softmax(logits * inv_temp)``.
+    -inf logits (masked tokens) are never drawn; ties go to the smallest index."""
+    row = tl.program_id(0)
+    inv_t = tl.load(inv_temp_ptr + row)
+    base = logits_ptr + row.to(tl.int64) * stride
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_i = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < V
+        x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        u = tl.rand(seed, row * V + cols)
+        key = tl.where(mask, x * inv_t - tl.log(-tl.log(u)), float("-inf"))
+        take = key > best
+        best = tl.where(take, key, best)
+        best_i = tl.where(take, cols, best_i)
+    top = tl.max(best, 0)
+    idx = tl.min(tl.where(best == top, best_i, V), 0)
+    tl.store(out_ptr + row, tl.minimum(idx, V - 1).to(tl.int64))
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as a 2-D ``[rows, last]`` view (copied only when it cannot be viewed with unit inner stride)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -190,3 +214,24 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
             x2, out, x2.stride(0), out.stride(0), n, BLOCK=block, num_warps=4,
         )
     return out.view(*x.shape[:-1], n)
+
+
+SAMPLE_BLOCK = 2048
+
+
+def sample_with_temperature(
+    logits: torch.Tensor, inv_temperatures: torch.Tensor, seed: int, block: int = SAMPLE_BLOCK
+) -> torch.Tensor:
+    """One token per row of ``logits [B, V]`` drawn from ``softmax(logits * inv_temperatures[b])``
+    in one pass over the logits (``_sample_kernel``); int64 ``[B]``. ``seed`` picks the random
+    stream (draw a new one per call). Needs ``B * V < 2**31`` (the philox offsets are int32)."""
+    b, v = logits.shape
+    if b * v >= 2**31:
+        raise ValueError(f"batch {b} x vocabulary {v} is too large for one sampling launch")
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    inv = inv_temperatures.reshape(b).to(torch.float32).contiguous()
+    out = torch.empty(b, dtype=torch.int64, device=logits.device)
+    if b:
+        _sample_kernel[(b,)](logits, inv, out, logits.stride(0), seed, V=v, BLOCK=block, num_warps=8)
+    return out
