@@ -110,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--profile", action="store_true", help="profile our prefill and decode steps at the last point")
     p.add_argument("--profile-steps", type=int, default=8, help="decode steps in the phase breakdown")
+    p.add_argument("--gap-min-us", type=float, default=5.0,
+                   help="GPU idle gaps shorter than this are not listed in the profile's gap tables")
     p.add_argument("--out", default=None, help="append a Markdown section to this file")
     args = p.parse_args(argv)
     finish_model_args(p, args)
@@ -356,7 +358,8 @@ def _short(file: str) -> str:
     return os.path.basename(file)
 
 
-def profile_point(engine: Any, prompts: list[list[int]], steps: int, temperature: float = 0.0) -> str:
+def profile_point(engine: Any, prompts: list[list[int]], steps: int, temperature: float = 0.0,
+                  gap_min_us: float = 5.0) -> str:
     """Prefill and decode of one batch: phase breakdown, torch.profiler's top operators and
     cProfile's top Python functions. Returns a Markdown report."""
     from torch.profiler import ProfilerActivity, profile
@@ -382,7 +385,7 @@ def profile_point(engine: Any, prompts: list[list[int]], steps: int, temperature
         lines += [op_table(prof, 12), ""]
         if on_gpu:
             lines += ["Prefill step on the GPU (torch.profiler, CUDA kernels):", "",
-                      gpu_kernel_table(prof, 1, wall, 25), "", gpu_gap_table(prof, 1), ""]
+                      gpu_kernel_table(prof, 1, wall, 25), "", gpu_gap_table(prof, 1, min_us=gap_min_us), ""]
 
         while any(r.num_computed < len(r.prompt_ids) for r in reqs):  # the rest of a prefill split into chunks
             s.step()
@@ -409,7 +412,8 @@ def profile_point(engine: Any, prompts: list[list[int]], steps: int, temperature
                 torch.cuda.synchronize()
                 wall = time.perf_counter() - t0
             lines += [f"Decode on the GPU over {steps} steps (torch.profiler, CUDA kernels):", "",
-                      gpu_kernel_table(prof, steps, wall, 30), "", gpu_gap_table(prof, steps), ""]
+                      gpu_kernel_table(prof, steps, wall, 30), "",
+                      gpu_gap_table(prof, steps, limit=16, min_us=gap_min_us), ""]
 
         n_prof = 4
         pr = cProfile.Profile()
@@ -527,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         bs, in_len, _ = grid[-1]
         prof = profile_point(engine, random_prompts(bs, in_len, cost.vocab, args.seed), args.profile_steps,
-                             args.temperature)
+                             args.temperature, args.gap_min_us)
     # HF runs after our engine is gone: on a GPU both would not fit next to each other.
     free_engine(engine)
     del engine

@@ -259,3 +259,34 @@ def test_context_length_caps_generation(engine: Engine) -> None:
     assert isinstance(out, dict)
     assert len(out["output_ids"]) == 3
     assert out["meta_info"]["finish_reason"]["type"] == "length"
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_gc_freeze_once_per_process(model_dir: Path, freeze: bool) -> None:
+    """``gc_freeze`` moves the start-up objects to the collector's permanent generation after the
+    first engine of a process starts (later engines do not freeze again); off, nothing is frozen
+    until an engine asks. Runs in a fresh interpreter: freezing is process-wide."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gc\n"
+        "from sglang.engine.engine import Engine\n"
+        f"e = Engine(model_path={str(model_dir)!r}, skip_tokenizer_init=True, device='cpu', gc_freeze={freeze})\n"
+        "n1 = gc.get_freeze_count()\n"
+        "out = e.generate(input_ids=[1, 2, 3], sampling_params={'max_new_tokens': 2, 'ignore_eos': True})\n"
+        "e.shutdown()\n"
+        "e2 = Engine(model_path=e.model_path, skip_tokenizer_init=True, device='cpu', gc_freeze=True)\n"
+        "print(n1, gc.get_freeze_count(), len(out['output_ids']))\n"
+        "e2.shutdown()\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root,
+                         env={**__import__("os").environ, "PYTHONPATH": f"{root / 'libs'}:{root}"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    n1, n2, tokens = map(int, res.stdout.split()[-3:])
+    assert tokens == 2
+    if freeze:
+        assert n1 > 10_000 and n2 <= n1  # the second engine did not freeze again (frozen objects can still be freed)
+    else:
+        assert n1 == 0 and n2 > 10_000  # the second engine, which asks, freezes

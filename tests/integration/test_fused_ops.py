@@ -40,6 +40,22 @@ def _close(got: torch.Tensor, ref: torch.Tensor, dtype: str) -> float:
     return float((got.float() - ref.float()).abs().max())
 
 
+def head_norm_case(device: str, dtype: str, tokens: int, heads: int, head_dim: int, seed: int = 0) -> float:
+    """``rmsnorm`` of a ``[tokens, heads, head_dim]`` view of q inside a fused qkv output (Qwen3's
+    per-head q norm), read in place, against ``RMSNorm``'s torch code."""
+    from sglang.engine.layers.fused import triton_ops
+    from sglang.engine.layers.norm import RMSNorm
+
+    dt, gen = DTYPES[dtype], torch.Generator().manual_seed(seed)
+    norm = RMSNorm(head_dim, eps=1e-6, dtype=dt).to(device)
+    norm.weight.copy_((1 + 0.5 * torch.randn(head_dim, generator=gen)).to(dt))
+    qkv = (3 * torch.randn(tokens, (heads + 2) * head_dim, generator=gen)).to(dt).to(device)
+    q = qkv[:, : heads * head_dim].reshape(tokens, heads, head_dim)  # a view: rows are not contiguous
+    got = triton_ops.rmsnorm(q, norm.weight, norm.eps)
+    assert got.shape == q.shape and got.is_contiguous()
+    return _close(got, norm._norm(q), dtype)
+
+
 def norm_case(device: str, dtype: str, rows: int, hidden: int, residual: bool, seed: int = 0) -> float:
     """``rmsnorm`` / ``fused_add_rmsnorm`` against ``RMSNorm``'s torch code; x is a strided row view."""
     from sglang.engine.layers.fused import triton_ops
@@ -121,6 +137,7 @@ def sample_case(device: str, vocab: int, rows: int, block: int, seed: int = 0) -
 
 CASES: dict[str, Callable[..., float]] = {
     "norm_case": norm_case, "rotary_case": rotary_case, "silu_case": silu_case, "sample_case": sample_case,
+    "head_norm_case": head_norm_case,
 }
 
 
@@ -176,6 +193,14 @@ _CUDA_DTYPES = ["float32", "bfloat16", "float16"]
 })
 def test_rmsnorm_matches_torch(run: Run, device: str, dtype: str, rows: int, hidden: int, residual: bool) -> None:
     assert run("norm_case", dtype=dtype, rows=rows, hidden=hidden, residual=residual) <= MAX_ABS[dtype]
+
+
+@_params("dtype,tokens,heads,head_dim", {
+    "interpret": [("float32", 5, 3, 64), ("bfloat16", 37, 2, 128)],
+    "cuda": [(d, t, h, hd) for d in _CUDA_DTYPES for t in (1, 37, 4096) for h, hd in [(16, 128), (8, 128), (3, 80)]],
+})
+def test_head_rmsnorm_reads_strided_heads(run: Run, device: str, dtype: str, tokens: int, heads: int, head_dim: int) -> None:
+    assert run("head_norm_case", dtype=dtype, tokens=tokens, heads=heads, head_dim=head_dim) <= MAX_ABS[dtype]
 
 
 @_params("dtype,tokens,heads,kv_heads,head_dim,rotary_dim", {
@@ -254,8 +279,9 @@ def test_kernels_compile_for_sm90() -> None:
     backend = triton.compiler.make_backend(target)
     for dt in ("fp32", "bf16", "fp16"):
         kernels: list[tuple[Any, dict[str, Any], dict[str, str], int]] = [
-            (triton_ops._rmsnorm_kernel, {"HAS_RESIDUAL": True, "BLOCK": 8192}, {"eps": "fp32"}, 16),
-            (triton_ops._rmsnorm_kernel, {"HAS_RESIDUAL": False, "BLOCK": 1024}, {"eps": "fp32"}, 2),
+            (triton_ops._rmsnorm_kernel, {"HAS_RESIDUAL": True, "BLOCK": 8192, "ROWS": 1}, {"eps": "fp32"}, 16),
+            (triton_ops._rmsnorm_kernel, {"HAS_RESIDUAL": False, "BLOCK": 1024, "ROWS": 2}, {"eps": "fp32"}, 2),
+            (triton_ops._rmsnorm_kernel, {"HAS_RESIDUAL": False, "BLOCK": 128, "ROWS": 16}, {"eps": "fp32"}, 1),
             (triton_ops._rotary_kernel, {"HEAD_DIM": 128, "HALF": 32, "BLOCK_HALF": 32, "BLOCK_HQ": 32, "BLOCK_HK": 8,
                                          "PASS": 64, "BLOCK_PASS": 64},
              {"pos_ptr": "*i64", "cache_ptr": "*fp32"}, 4),

@@ -12,6 +12,7 @@ keywords. A scheduler thread runs the steps; ``generate`` is safe to call from m
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import os
@@ -64,6 +65,21 @@ def _split_settings(kwargs: dict[str, Any]) -> list[dict[str, Any]]:
     return parts
 
 
+_gc_frozen = False
+
+
+def freeze_startup_objects() -> None:
+    """``gc.freeze()`` once per process, after the first engine's start-up (see
+    ``SchedulerSettings.gc_freeze``): a serving process has one engine; in a process that builds
+    many (tests), what later engines leave behind stays collectable."""
+    global _gc_frozen
+    if _gc_frozen:
+        return
+    _gc_frozen = True
+    gc.collect()
+    gc.freeze()
+
+
 class Engine:
     def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
         model_kw, cache_kw, sched_kw, disagg_kw = _split_settings(kwargs)
@@ -91,6 +107,8 @@ class Engine:
         # Structured output: grammars compile on the caller's thread (never the scheduler's), once
         # per (kind, spec); the backend (tokenizer info) is built on the first grammar request.
         self.grammars = GrammarCache(self._make_grammar_backend)
+        if self.scheduler_settings.gc_freeze:
+            freeze_startup_objects()
         self._loop = EngineLoop(self.scheduler, self.scheduler_settings.check_integrity_when_idle)
         self._counter = itertools.count()
         logger.info("engine ready: %s (%s, %s)", self.model_path, info.architecture, self.runner.dtype)

@@ -80,7 +80,7 @@ class ReqToTokenPool:
         """Apply the staged writes to the device table (stream-ordered, no wait on the host)."""
         if not self._vals:
             return
-        packed = to_device([self._rows, self._cols, self._vals], torch.int64, self._table.device)
+        packed = to_device(self._rows + self._cols + self._vals, torch.int64, self._table.device).view(3, -1)
         self._table[packed[0], packed[1]] = packed[2]
         self._rows, self._cols, self._vals = [], [], []
         self._staged.clear()

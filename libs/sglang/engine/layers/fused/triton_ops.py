@@ -29,22 +29,27 @@ def _round(x, DTYPE: tl.constexpr):
 def _rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr,
     stride_x, stride_res, stride_out, stride_sum,
-    n, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    n, eps, n_rows, inner, stride_inner,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    """``ROWS`` rows per program. Row ``r`` of x starts at ``(r // inner) * stride_x + (r % inner) *
+    stride_inner`` (a ``[t, heads, head_dim]`` view of a fused qkv output without a copy; ``inner``
+    is 1 for a plain 2-D input); the other tensors are 2-D with unit inner stride."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     offs = tl.arange(0, BLOCK)
-    mask = offs < n
+    mask = (rows < n_rows)[:, None] & (offs < n)[None, :]
     dtype = x_ptr.dtype.element_ty
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    x_off = (rows // inner) * stride_x + (rows % inner) * stride_inner
+    x = tl.load(x_ptr + x_off[:, None] + offs[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(res_ptr + rows[:, None] * stride_res + offs[None, :], mask=mask, other=0.0).to(tl.float32)
         x = _round(x + r, dtype)  # the residual add happens in the input dtype
-        tl.store(sum_ptr + row * stride_sum + offs, x.to(sum_ptr.dtype.element_ty), mask=mask)
-    var = tl.sum(x * x, axis=0) / n
-    normed = _round(x * tl.math.rsqrt(var + eps), dtype)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(sum_ptr + rows[:, None] * stride_sum + offs[None, :], x.to(sum_ptr.dtype.element_ty), mask=mask)
+    var = tl.sum(x * x, axis=1) / n
+    normed = _round(x * tl.math.rsqrt(var + eps)[:, None], dtype)
+    w = tl.load(w_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    out = (w[None, :] * normed).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows[:, None] * stride_out + offs[None, :], out, mask=mask)
 
 
 @triton.jit
@@ -140,16 +145,31 @@ def _norm_warps(block: int) -> int:
     return min(max(block // 512, 1), 16)
 
 
+def _norm_rows(block: int) -> int:
+    """Rows per program: short rows (per-head q/k norms, 64-256 wide) share a program."""
+    return max(1, min(16, 2048 // block))
+
+
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``weight * (x / sqrt(mean(x^2) + eps)).to(x.dtype)`` over the last dim, as ``RMSNorm.forward``."""
+    """``weight * (x / sqrt(mean(x^2) + eps)).to(x.dtype)`` over the last dim, as ``RMSNorm.forward``.
+
+    A 3-D ``[t, heads, head_dim]`` view with unit inner stride (Qwen3's q/k heads, sliced from the
+    fused qkv output) is read in place; the output is contiguous."""
     n = x.shape[-1]
-    x2 = _rows(x)
-    out = torch.empty(x2.shape, dtype=torch.result_type(weight, x), device=x.device)
-    if x2.shape[0]:
+    inner, stride_inner = 1, 0
+    if x.dim() == 3 and x.stride(-1) == 1:
+        x2, inner, stride_inner = x, x.shape[1], x.stride(1)
+        rows, stride_x = x.shape[0] * x.shape[1], x.stride(0)
+    else:
+        x2 = _rows(x)
+        rows, stride_x = x2.shape[0], x2.stride(0)
+    out = torch.empty((rows, n), dtype=torch.result_type(weight, x), device=x.device)
+    if rows:
         block = triton.next_power_of_2(n)
-        _rmsnorm_kernel[(x2.shape[0],)](
-            x2, x2, weight, out, out, x2.stride(0), 0, out.stride(0), 0, n, eps,
-            HAS_RESIDUAL=False, BLOCK=block, num_warps=_norm_warps(block),
+        per = _norm_rows(block)
+        _rmsnorm_kernel[(triton.cdiv(rows, per),)](
+            x2, x2, weight, out, out, stride_x, 0, out.stride(0), 0, n, eps, rows, inner, stride_inner,
+            HAS_RESIDUAL=False, BLOCK=block, ROWS=per, num_warps=_norm_warps(block),
         )
     return out.view(x.shape)
 
@@ -166,9 +186,10 @@ def fused_add_rmsnorm(
     summed = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     if x2.shape[0]:
         block = triton.next_power_of_2(n)
-        _rmsnorm_kernel[(x2.shape[0],)](
+        per = _norm_rows(block)
+        _rmsnorm_kernel[(triton.cdiv(x2.shape[0], per),)](
             x2, r2, weight, out, summed, x2.stride(0), r2.stride(0), out.stride(0), summed.stride(0), n, eps,
-            HAS_RESIDUAL=True, BLOCK=block, num_warps=_norm_warps(block),
+            x2.shape[0], 1, 0, HAS_RESIDUAL=True, BLOCK=block, ROWS=per, num_warps=_norm_warps(block),
         )
     return out.view(x.shape), summed.view(x.shape)
 
