@@ -127,6 +127,10 @@ def sample_case(device: str, vocab: int, rows: int, block: int, seed: int = 0) -
     batch = logits.repeat(rows, 1).to(device)
     out = triton_ops.sample_with_temperature(batch, (1 / temps).to(device), seed=1234 + seed, block=block).cpu()
     assert out.shape == (rows,) and out.dtype == torch.int64
+    for parts in (1, 2):  # whole rows, and rows cut in two parts (the pick kernel merges them)
+        again = triton_ops.sample_with_temperature(batch, (1 / temps).to(device), seed=1234 + seed, block=block,
+                                                   splits=parts)
+        assert torch.equal(again.cpu(), out), f"the draw changed with {parts} part(s) per row"
     assert bool(torch.isin(out, support).all()), f"drew tokens outside the support: {sorted(set(out.tolist()) - set(support.tolist()))[:5]}"
     worst = 0.0
     for half, t in ((out[: rows // 2], 0.5), (out[rows // 2 :], 1.5)):
@@ -289,8 +293,10 @@ def test_kernels_compile_for_sm90() -> None:
                                          "PASS": 0, "BLOCK_PASS": 1},
              {"pos_ptr": "*i64", "cache_ptr": "*fp32"}, 4),
             (triton_ops._silu_and_mul_kernel, {"BLOCK": 1024}, {}, 4),
-            (triton_ops._sample_kernel, {"V": 128256, "BLOCK": 2048}, {"logits_ptr": "*fp32", "inv_temp_ptr": "*fp32",
-                                                                        "out_ptr": "*i64", "seed": "i64"}, 8),
+            (triton_ops._sample_kernel, {"V": 128256, "CHUNK": 32768, "SPLITS": 4, "BLOCK": 2048},
+             {"logits_ptr": "*fp32", "inv_temp_ptr": "*fp32", "key_ptr": "*fp32", "idx_ptr": "*i32", "seed": "i64"}, 8),
+            (triton_ops._sample_pick_kernel, {"V": 128256, "SPLITS": 4}, {"key_ptr": "*fp32", "idx_ptr": "*i32",
+                                                                         "out_ptr": "*i64"}, 1),
         ]
         for kernel, consts, special, warps in kernels:
             sig = {

