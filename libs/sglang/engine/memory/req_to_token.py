@@ -28,8 +28,7 @@ class ReqToTokenPool:
         self.max_context_len = max_context_len
         self._table = torch.zeros((max_reqs, max_context_len), dtype=torch.int64, device=device)
         self._free_rows = list(range(max_reqs - 1, -1, -1))
-        self._rows: list[int] = []
-        self._cols: list[int] = []
+        self._idx: list[int] = []  # staged flat indices into the table (row * max_context_len + col)
         self._vals: list[int] = []
         self._staged: dict[int, list[tuple[int, int]]] = {}  # row -> staged [start, end) ranges
 
@@ -72,15 +71,15 @@ class ReqToTokenPool:
             self.flush()  # a staged write covers some of these tokens: apply it first
             ranges = self._staged.setdefault(row, [])
         ranges.append((start, end))
-        self._rows.extend([row] * len(vals))
-        self._cols.extend(range(start, end))
+        base = row * self.max_context_len
+        self._idx.extend(range(base + start, base + end))
         self._vals.extend(vals)
 
     def flush(self) -> None:
         """Apply the staged writes to the device table (stream-ordered, no wait on the host)."""
         if not self._vals:
             return
-        packed = to_device(self._rows + self._cols + self._vals, torch.int64, self._table.device).view(3, -1)
-        self._table[packed[0], packed[1]] = packed[2]
-        self._rows, self._cols, self._vals = [], [], []
+        packed = to_device(self._idx + self._vals, torch.int64, self._table.device).view(2, -1)
+        self._table.view(-1)[packed[0]] = packed[1]
+        self._idx, self._vals = [], []
         self._staged.clear()

@@ -402,13 +402,17 @@ class RadixCache:
     def check_integrity(self) -> None:
         """Raise AssertionError if any invariant of the tree or its page accounting is broken."""
         seen: set[int] = set()
-        locked = 0
+        locked = num_nodes = 0
+        entries = {(prio, node_id) for prio, node_id, n in self._heap if n.id == node_id}
         for ek, root in self._roots.items():
             assert root.is_root and root.extra_key == ek and not root.key and not root.pages, root
             assert root.lock_ref == 0 and root.direct_locks == 0, f"root of {ek!r} is locked"
         for node in self._iter_nodes():
+            num_nodes += 1
             parent = node.parent
             assert parent is not None and not node.removed, f"{node!r} is detached but in the tree"
+            if node.is_leaf and node.lock_ref == 0:
+                assert (self.policy.priority(node), node.id) in entries, f"{node!r}: evictable, not in the heap"
             assert len(node.key) >= 1, f"{node!r} has an empty key"
             assert len(node.key) == len(node.pages) == len(node.hashes), (
                 f"{node!r}: units/pages/hashes differ"
@@ -431,12 +435,7 @@ class RadixCache:
             assert 0 < node.last_access <= self._clock, f"{node!r}: last_access out of clock"
             if node.lock_ref > 0:
                 locked += len(node.pages)
-        nodes = list(self._iter_nodes())
-        assert self._num_nodes == len(nodes), f"node count {self._num_nodes} != {len(nodes)} in tree"
-        entries = {(prio, node_id) for prio, node_id, n in self._heap if n.id == node_id}
-        for node in nodes:
-            if node.is_leaf and node.lock_ref == 0:
-                assert (self.policy.priority(node), node.id) in entries, f"{node!r}: evictable, not in the heap"
+        assert self._num_nodes == num_nodes, f"node count {self._num_nodes} != {num_nodes} in tree"
         assert seen == self._cached, f"cached set drifted: {len(seen)} in tree, {len(self._cached)} counted"
         assert locked == self._num_locked, f"locked pages {self._num_locked} counted, {locked} in tree"
         assert self.num_evictable_pages + self.num_locked_pages == self.num_cached_pages

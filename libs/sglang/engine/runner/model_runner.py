@@ -124,7 +124,7 @@ class ModelRunner:
             kv_pool=self.kv_pool,
             req_to_token=self.req_to_token,
             attn_backend=self.attn_backend,
-            req_rows_cpu=list(inp.req_rows),
+            req_rows_cpu=inp.req_rows,
         )
         self.attn_backend.init_forward_metadata(batch)
         hidden = self.model(batch.input_ids, batch.positions, batch)

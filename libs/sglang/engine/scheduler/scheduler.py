@@ -186,12 +186,15 @@ class Scheduler:
         reqs = [e.req for e in batch.entries if e.samples]
         if not reqs:
             return None
-        sb = SamplingBatch.build(
-            [r.params for r in reqs], [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],
-            self.eos_token_ids, self.vocab_size, logits.device, [r.generator for r in reqs],
-        )
+        sb = self._sampling_batch(reqs, logits.device)
         res = self.sampler(logits, sb, None, need_logprobs=any(r.return_logprob for r in reqs))
         return InflightBatch.launch(reqs, res.next_token_ids, res.logprobs)
+
+    def _sampling_batch(self, reqs: list[Request], device: torch.device) -> SamplingBatch:
+        return SamplingBatch.build(
+            [r.params for r in reqs], [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],
+            self.eos_token_ids, self.vocab_size, device, [r.generator for r in reqs],
+        )
 
     def drain(self) -> list[Request]:
         """Read the batch in flight, if any (overlap scheduling): afterwards every token launched
@@ -401,10 +404,7 @@ class Scheduler:
         updated = failed + [e.req for e in batch.entries if e.logprob_positions and not e.samples and not e.req.finished]
         if sample_entries:
             reqs = [e.req for e in sample_entries]
-            sb = SamplingBatch.build(
-                [r.params for r in reqs], [r.prompt_ids for r in reqs], [r.output_ids for r in reqs],
-                self.eos_token_ids, self.vocab_size, logits.device, [r.generator for r in reqs],
-            )
+            sb = self._sampling_batch(reqs, logits.device)
             tops = [r.top_logprobs_num if r.return_logprob else 0 for r in reqs]
             rows = logits[sample_rows]
             self.grammar.apply(rows, mask)
