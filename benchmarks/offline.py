@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import itertools
 import os
 import random
@@ -126,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                    help="before each measurement wait up to S seconds for other processes to go quiet")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--profile-launches", type=int, nargs=2, default=None, metavar=("FIRST", "LAST"),
+                   help="run torch.profiler from forward call FIRST to LAST and report kernels and GPU idle gaps")
     p.add_argument("--out", default=None, help="append a Markdown section to this file")
     args = p.parse_args(argv)
     finish_model_args(p, args)
@@ -201,7 +204,12 @@ class StepRecorder:
     and the number of extend steps. Shadows ``runner.forward`` with an instance attribute while
     active (runs on the scheduler thread; one list append per step)."""
 
-    def __init__(self) -> None:
+    def __init__(self, profile_launches: tuple[int, int] | None = None) -> None:
+        self.profile_launches = profile_launches  # (first, last) forward call to run torch.profiler over
+        self.profile_report = ""
+        self._prof: Any = None
+        self._cprof: Any = None
+        self._prof_t0 = 0.0
         self.decode: list[tuple[int, int]] = []
         self.extend_steps = 0
         self.launches: list[tuple[float, bool]] = []  # (perf_counter at the forward call, is decode)
@@ -217,6 +225,8 @@ class StepRecorder:
         def recorded(inp: Any) -> Any:
             decode = inp.mode is ForwardMode.DECODE
             self.launches.append((time.perf_counter(), decode))
+            if self.profile_launches is not None:
+                self._profile_tick(len(self.launches) - 1)
             if decode:
                 self.decode.append((len(inp.extend_lens), sum(inp.prefix_lens) + len(inp.extend_lens)))
             else:
@@ -229,19 +239,52 @@ class StepRecorder:
         finally:
             del runner.forward
 
+    def _profile_tick(self, n: int) -> None:
+        """Start torch.profiler at forward call ``first`` and stop it at ``last`` (scheduler thread):
+        GPU kernels and idle gaps of that window of the run, mixed prefill and decode steps."""
+        first, last = self.profile_launches or (0, 0)
+        if n == first:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self._prof = torch.profiler.profile(activities=acts)
+            self._prof.__enter__()
+            self._cprof = cProfile.Profile()  # this (the scheduler's) thread only
+            self._cprof.enable()
+            self._prof_t0 = time.perf_counter()
+        elif n == last and self._prof is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - self._prof_t0
+            self._cprof.disable()
+            self._prof.__exit__(None, None, None)
+            from one_batch import cprofile_table, gpu_gap_table, gpu_kernel_table
+
+            kinds = [d for _, d in self.launches[first:last]]
+            self.profile_report = (
+                f"profile of forward calls {first}..{last} ({kinds.count(True)} decode, {kinds.count(False)} prefill; "
+                f"per call below):\n\n{gpu_kernel_table(self._prof, last - first, wall, 16)}\n\n"
+                f"{gpu_gap_table(self._prof, last - first, 12, 10.0)}\n\n"
+                f"host (scheduler thread, cProfile):\n\n{cprofile_table(self._cprof, last - first, 25)}"
+            )
+            self._prof = None
+
     def wall_split(self) -> tuple[float, float, float, float]:
         """Seconds before the first forward call, from each prefill (extend) call to the next call,
         the same after decode calls, and after the last call. A call is made when the host has the
         batch ready; with overlap scheduling the interval after it is about its GPU time."""
         if not self.launches:
             return self.end - self.start, 0.0, 0.0, 0.0
-        ext = dec = 0.0
+        ext, dec = self.intervals()
+        return self.launches[0][0] - self.start, sum(ext), sum(dec), self.end - self.launches[-1][0]
+
+    def intervals(self) -> tuple[list[float], list[float]]:
+        """Seconds from each prefill (extend) call to the next call, and the same for decode calls."""
+        ext: list[float] = []
+        dec: list[float] = []
         for (t, decode), (t_next, _) in itertools.pairwise(self.launches):
-            if decode:
-                dec += t_next - t
-            else:
-                ext += t_next - t
-        return self.launches[0][0] - self.start, ext, dec, self.end - self.launches[-1][0]
+            (dec if decode else ext).append(t_next - t)
+        return ext, dec
 
     def decode_floor_s(self, cost: ModelCost, hw: Hardware) -> tuple[float, float, float]:
         """(decode floor seconds, bytes read, FLOPs) over the recorded decode steps."""
@@ -382,7 +425,7 @@ def run_workload(engine: Any, w: Workload, args: argparse.Namespace) -> Result:
     meter = LoadMeter()
     ttft: list[float] = []
     itl: list[float] = []
-    rec = StepRecorder()
+    rec = StepRecorder(tuple(args.profile_launches) if args.profile_launches else None)
     with rec.attach(engine):
         rec.start = time.perf_counter()
         if args.stream:
@@ -477,6 +520,19 @@ def report(r: Result, args: argparse.Namespace, cost: ModelCost, hw: Hardware) -
         f"{tail:.2f} s after the last launch; prefill at {prefill_s / ext if ext else NAN:.3f} of the matmul "
         f"rate, decode at {dec / decode_s if decode_s else NAN:.2f}x its floor"
     )
+    ext_l, dec_l = r.rec.intervals()
+    if ext_l and dec_l:
+        ext_ms = [x * 1e3 for x in ext_l]
+        dec_ms = [x * 1e3 for x in dec_l]
+        dec_med = pct(dec_ms, 50)
+        lines.append(
+            f"launch intervals: prefill p10/p50/p90/max {pct(ext_ms, 10):.1f} / {pct(ext_ms, 50):.1f} / "
+            f"{pct(ext_ms, 90):.1f} / {max(ext_ms):.1f} ms; decode {pct(dec_ms, 10):.2f} / {pct(dec_ms, 50):.2f} / "
+            f"{pct(dec_ms, 90):.2f} / {max(dec_ms):.2f} ms (decode time above its median: "
+            f"{sum(max(x - dec_med, 0.0) for x in dec_ms) / 1e3:.2f} s)"
+        )
+    if r.rec.profile_report:
+        lines.append(r.rec.profile_report)
     if r.hf_requests:
         lines.append(
             f"ratio ours/HF output tok/s: **{ours_tps / r.hf_tps:.2f}x** (HF on the first {r.hf_requests} "

@@ -175,6 +175,61 @@ def test_insert_rejects_bad_pages_without_changing_anything() -> None:
     check(alloc, cache)
 
 
+def _access_order(cache: RadixCache) -> list[tuple[tuple[int, ...], int]]:
+    """Every node's tokens and ``last_access``: the LRU state an insert leaves behind."""
+    out: list[tuple[tuple[int, ...], int]] = []
+    stack = [c for root in cache._roots.values() for c in root.children.values()]
+    while stack:
+        node = stack.pop()
+        out.append((node.tokens, node.last_access))
+        stack.extend(node.children.values())
+    return sorted(out)
+
+
+def test_insert_after_a_node_equals_a_full_insert() -> None:
+    """A request that grew past its locked node inserts only the continuation (``after=``): the
+    tree, the page ids, the duplicates, the touched nodes' ``last_access`` and the published events
+    are those of inserting the whole sequence from the root."""
+    results = []
+    for incremental in (False, True):
+        alloc, cache = make(32, 2)
+        cache.insert([7, 7, 8, 8], alloc.alloc(2))  # another prefix: pages 1, 2
+        head = cache.insert([1, 2, 3, 4], alloc.alloc(2))  # pages 3, 4
+        cache.lock(head.node)
+        other = cache.insert([1, 2, 3, 4, 5, 6, 9, 9], [3, 4, *alloc.alloc(2)])  # pages 5, 6: splits nothing yet
+        mine = alloc.alloc(3)  # pages 7, 8, 9: [5, 6] duplicates other's page 5
+        tail = [5, 6, 10, 10, 11, 11]
+        if incremental:
+            r = cache.insert(tail, mine, after=head.node)
+        else:
+            full = cache.insert([1, 2, 3, 4, *tail], [3, 4, *mine])
+            r = InsertResult(full.pages[2:], full.node, full.num_new_pages, full.duplicate_pages)
+        assert (r.pages, r.num_new_pages, r.duplicate_pages) == ([5, 8, 9], 2, [7])
+        assert head.node.tokens[-2:] == (3, 4) and not head.node.removed  # the split kept its end
+        alloc.free(r.duplicate_pages)
+        cache.unlock(head.node)
+        check(alloc, cache)
+        assert other.num_new_pages == 2
+        results.append((cache.dump(), _access_order(cache), r.node.tokens))
+    assert results[0] == results[1]
+
+
+def test_insert_after_rejects_a_foreign_node_without_changing_anything() -> None:
+    alloc, cache = make(16, 1)
+    r = cache.insert([1, 2], alloc.alloc(2))
+    keyed = cache.insert([1, 2], alloc.alloc(2), extra_key="lora-a")
+    before = cache.dump()
+    with pytest.raises(ValueError, match="not a node of this tree under extra_key None"):
+        cache.insert([3], alloc.alloc(1), after=keyed.node)
+    with pytest.raises(ValueError, match="held by the cache"):
+        cache.insert([3], [1], after=r.node)  # page 1 holds token 1, not the continuation's 3
+    assert cache.dump() == before
+    assert cache.flush()
+    with pytest.raises(ValueError, match="not a node of this tree"):
+        cache.insert([3], [5], after=r.node)  # removed by the flush
+    assert cache.dump() == {}
+
+
 # ------------------------------------------------------------------------------------- namespaces
 
 

@@ -92,16 +92,19 @@ class KVSlots:
         if self.cache is None or req.row is None:
             return
         full = req.num_computed // self.page_size
-        if full <= req.num_tree_pages:
+        have = req.num_tree_pages
+        if full <= have:
             return
-        res = self.cache.insert(req.tokens(0, full * self.page_size), req.pages[:full], req.extra_key)
+        # Only the pages past the locked node (which ends at page ``have``): the tree walks from there.
+        ps = self.page_size
+        res = self.cache.insert(req.tokens(have * ps, full * ps), req.pages[have:full], req.extra_key, after=req.tree_node)
         if res.duplicate_pages:
             self.allocator.free(res.duplicate_pages)
         # Pages that changed hands: from own to the cache's (taken or swapped for the cache's copy).
-        self.pages_in_use -= full - req.num_tree_pages
-        if res.pages != req.pages[:full]:
-            self._write_pages(req, 0, res.pages)
-            req.pages[:full] = res.pages
+        self.pages_in_use -= full - have
+        if res.pages != req.pages[have:full]:
+            self._write_pages(req, have, res.pages)
+            req.pages[have:full] = res.pages
         self.cache.lock(res.node)
         if req.tree_node is not None:
             self.cache.unlock(req.tree_node)

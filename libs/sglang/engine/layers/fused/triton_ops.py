@@ -117,24 +117,39 @@ def _sample_kernel(
     V: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Program ``(row, part)``: over columns ``part * CHUNK ..``, the best ``logit_i * inv_temp +
-    g_i`` with ``g_i = -log(-log(u_i))``, ``u_i`` uniform (philox; ``seed`` at offset
-    ``row * V + i``), and its column (the smallest among ties). The argmax over all parts is a
-    Gumbel-max draw from ``softmax(logits * inv_temp)``; -inf logits (masked tokens) never win."""
+    g_i`` with ``g_i = -log(-log(u_i))``, ``u_i`` uniform, and its column (the smallest among
+    ties). The argmax over all parts is a Gumbel-max draw from ``softmax(logits * inv_temp)``;
+    -inf logits (masked tokens) never win.
+
+    The uniforms come from philox (``seed``) four at a time: counter ``(row * blocks + block) *
+    BLOCK / 4 + i`` gives the columns ``block * BLOCK + j * BLOCK / 4 + i`` (j = 0..3), so the draw
+    depends on ``BLOCK`` but not on ``SPLITS``. One philox call per column cost 4x the integer
+    work (batch 256 x 128k vocabulary on an H100: 184 -> 130 us)."""
     row = tl.program_id(0)
     part = tl.program_id(1)
+    QUARTER: tl.constexpr = BLOCK // 4
+    BLOCKS: tl.constexpr = (V + BLOCK - 1) // BLOCK
+    LN2: tl.constexpr = 0.6931471805599453
+    LOG2_LN2: tl.constexpr = -0.5287663729448977
     inv_t = tl.load(inv_temp_ptr + row)
     base = logits_ptr + row.to(tl.int64) * stride
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_i = tl.full([BLOCK], V, tl.int32)
+    best = tl.full([QUARTER], float("-inf"), tl.float32)
+    best_i = tl.full([QUARTER], V, tl.int32)
     for start in range(0, CHUNK, BLOCK):
-        cols = part * CHUNK + start + tl.arange(0, BLOCK)
-        mask = cols < V
-        x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        u = tl.rand(seed, row * V + cols)
-        key = tl.where(mask, x * inv_t - tl.log(-tl.log(u)), float("-inf"))
-        take = (key > best) | ((key == best) & (cols < best_i) & mask)
-        best = tl.where(take, key, best)
-        best_i = tl.where(take, cols, best_i)
+        c0 = part * CHUNK + start
+        ctr = (row * BLOCKS + c0 // BLOCK) * QUARTER + tl.arange(0, QUARTER)
+        r0, r1, r2, r3 = tl.randint4x(seed, ctr)
+        for j in tl.static_range(4):
+            r = r0 if j == 0 else (r1 if j == 1 else (r2 if j == 2 else r3))
+            cols = c0 + j * QUARTER + tl.arange(0, QUARTER)
+            mask = cols < V
+            x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            # -log(-log u) in base 2: u = 0 gives -inf (never wins)
+            g = -LN2 * (tl.log2(-tl.log2(tl.random.uint_to_uniform_float(r))) + LOG2_LN2)
+            key = tl.where(mask, x * inv_t + g, float("-inf"))
+            take = (key > best) | ((key == best) & (cols < best_i) & mask)
+            best = tl.where(take, key, best)
+            best_i = tl.where(take, cols, best_i)
     top = tl.max(best, 0)
     idx = tl.min(tl.where(best == top, best_i, V), 0)
     tl.store(key_ptr + row * SPLITS + part, top)
@@ -255,7 +270,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], n)
 
 
-SAMPLE_BLOCK = 2048
+SAMPLE_BLOCK = 4096  # H100, 128k vocabulary: 12-13 us at batch 1-8 (2048: 16 us), equal at 64-256
 
 
 def sample_splits(vocab: int, block: int) -> int:
