@@ -47,7 +47,7 @@ def _forward(
     backend.init_forward_metadata(batch)
     with torch.inference_mode():
         hidden = model(batch.input_ids, batch.positions, batch)
-        logits = model.compute_logits(hidden)
+        logits = model.compute_logits(hidden).float()
     return list(torch.split(logits, batch.extend_lens_cpu))
 
 

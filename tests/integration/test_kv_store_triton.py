@@ -76,7 +76,43 @@ def store_case(
     return float((ref != got).sum())
 
 
-CASES: dict[str, Callable[..., float]] = {"store_case": store_case}
+def rope_store_case(
+    device: str, dtype: str, page_size: int, tokens: int, num_heads: int = 8, num_kv_heads: int = 2,
+    head_dim: int = 64, rotary_dim: int | None = None, seed: int = 0,
+) -> float:
+    """``rope_store_kv`` against the rotary kernel followed by ``store_kv`` (the unfused path) on
+    strided slices of one fused qkv output: the rotated q and the whole pools must be equal bit for
+    bit and the inputs untouched. Returns the number of differing elements."""
+    from sglang.engine.attention.triton.store import rope_store_applies, rope_store_kv, store_kv
+    from sglang.engine.layers.fused.triton_ops import apply_rotary
+    from sglang.engine.memory import KVPool
+
+    dev, dt = torch.device(device), DTYPES[dtype]
+    rdim = rotary_dim or head_dim
+    gen = torch.Generator().manual_seed(seed)
+    num_pages = max(4, -(-3 * tokens // page_size))
+    pools = [KVPool(num_pages, page_size, 2, num_kv_heads, head_dim, dt, dev) for _ in range(2)]
+    noise = torch.randn(pools[0].buffer.shape, generator=gen).to(dt)
+    for p in pools:
+        p.buffer.copy_(noise)
+    slots = torch.randperm((num_pages + 1) * page_size - 1, generator=gen)[:tokens] + 1
+    loc = slots.to(dev)
+    positions = torch.randint(0, 4096, (tokens,), generator=gen).to(dev)
+    cache = torch.randn(4096, rdim, generator=gen).to(dev)  # cat(cos, sin) rows, float32 as the layer keeps them
+    qd, kvd = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = torch.randn(tokens, qd + 2 * kvd + 8, generator=gen).to(dt).to(dev)
+    q, k, v, _ = qkv.split([qd, kvd, kvd, 8], dim=1)
+    before = qkv.clone()
+    q_ref, k_ref = apply_rotary(positions, q, k, cache, head_dim, rdim)
+    store_kv(*pools[0].get_kv(1), loc, k_ref, v)
+    k_buf, v_buf = pools[1].get_kv(1)
+    assert rope_store_applies(q, k, v, k_buf, v_buf)
+    q_got = rope_store_kv(positions, q, k, v, cache, rdim, k_buf, v_buf, loc)
+    assert torch.equal(qkv, before)
+    return float((q_ref != q_got).sum() + (pools[0].buffer != pools[1].buffer).sum())
+
+
+CASES: dict[str, Callable[..., float]] = {"store_case": store_case, "rope_store_case": rope_store_case}
 
 
 def _setup_worker() -> None:
@@ -134,6 +170,43 @@ def test_store_casts_and_odd_shapes(
 ) -> None:
     assert run("store_case", dtype=dtype, in_dtype=in_dtype, page_size=page_size, tokens=tokens,
                num_kv_heads=num_kv_heads, head_dim=head_dim, layer=layer, loc_dtype=loc_dtype) == 0
+
+
+ROPE = [  # (dtype, page_size, tokens, num_heads, num_kv_heads, head_dim, rotary_dim)
+    ("bfloat16", 16, 37, 8, 2, 64, None),
+    ("float32", 1, 37, 8, 2, 64, None),
+    ("bfloat16", 3, 5, 6, 3, 80, 48),  # partial rotary: dims 48..79 copied; odd page size and heads
+    ("bfloat16", 16, 1, 32, 8, 128, None),  # Llama-3-8B, batch-1 decode
+    ("float16", 16, 300, 16, 8, 128, None),  # a prefill chunk
+]
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "page_size", "tokens", "num_heads", "num_kv_heads", "head_dim", "rotary_dim"),
+    [_odd(dev, *c) for dev in ("interpret", "cuda") for c in ROPE],
+)
+def test_rope_store_matches_rotary_then_store(
+    run: Run, device: str, dtype: str, page_size: int, tokens: int, num_heads: int, num_kv_heads: int,
+    head_dim: int, rotary_dim: int | None,
+) -> None:
+    assert run("rope_store_case", dtype=dtype, page_size=page_size, tokens=tokens, num_heads=num_heads,
+               num_kv_heads=num_kv_heads, head_dim=head_dim, rotary_dim=rotary_dim) == 0
+
+
+def test_rope_store_refuses_what_it_cannot_take() -> None:
+    """Mixed dtypes, a pool in another dtype, or heads that are not contiguous keep the unfused path."""
+    from sglang.engine.attention.triton.store import rope_store_applies
+    from sglang.engine.memory import KVPool
+
+    pool = KVPool(4, 16, 1, 2, 64, torch.bfloat16, torch.device("cpu"))
+    k_buf, v_buf = pool.get_kv(0)
+    q, k, v = (torch.zeros(3, n, dtype=torch.bfloat16) for n in (256, 128, 128))
+    assert rope_store_applies(q, k, v, k_buf, v_buf)
+    assert not rope_store_applies(q.float(), k, v, k_buf, v_buf)
+    assert not rope_store_applies(q, k, v.half(), k_buf, v_buf)
+    f32 = KVPool(4, 16, 1, 2, 64, torch.float32, torch.device("cpu"))
+    assert not rope_store_applies(q, k, v, *f32.get_kv(0))
+    assert not rope_store_applies(q, k.t().contiguous().t(), v, k_buf, v_buf)  # column-major rows
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
@@ -212,3 +285,29 @@ def test_store_rejects_mismatched_views() -> None:
 
 if __name__ == "__main__":
     serve(CASES, _setup_worker)
+
+
+def test_rope_store_kernel_compiles_for_sm90() -> None:
+    """The fused rotary + store kernel compiles to an H100 cubin without a GPU (Llama and a partial rotary)."""
+    triton = pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("kernels are interpreted in this process")
+    from sglang.engine.attention.triton import store
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = triton.compiler.make_backend(target)
+    kernel = store._rope_store_kernel
+    for dt, (h, kvh, d, rdim, ps) in product(["bf16", "fp32"], [(32, 8, 128, 128, 16), (6, 3, 80, 48, 1)]):
+        half, rest = rdim // 2, d - rdim
+        consts = {"HEAD_DIM": d, "HALF": half, "BLOCK_HALF": triton.next_power_of_2(half),
+                  "BLOCK_HQ": triton.next_power_of_2(h), "BLOCK_HK": triton.next_power_of_2(kvh), "PASS": rest,
+                  "BLOCK_PASS": triton.next_power_of_2(max(rest, 1)), "BLOCK_D": triton.next_power_of_2(d),
+                  "PAGE_SIZE": ps}
+        ptrs = {"pos_ptr": "i64", "cache_ptr": "fp32", "loc_ptr": "i64"}
+        sig = {n: "constexpr" if n in consts else f"*{ptrs.get(n, dt)}" if n.endswith(("_ptr", "_out", "_buf"))
+               else "i64" if n == "stride_page" else "i32" for n in kernel.arg_names}
+        opts = backend.parse_options({"num_warps": 4})
+        compiled = triton.compile(ASTSource(kernel, sig, consts), target=target, options=opts.__dict__)
+        assert compiled.asm["cubin"]

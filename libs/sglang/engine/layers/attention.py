@@ -12,13 +12,14 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from sglang.engine.attention.base import Rope
     from sglang.engine.runner.forward_batch import ForwardBatch
 
 
 class Attention(nn.Module):
     """``forward(q [T, H*D], k [T, KVH*D], v [T, KVH*D], batch) -> [T, H*D]``.
 
-    q/k must already carry rotary embeddings. ``sliding_window`` (tokens, the query included) is
+    q/k carry their rotary embeddings, or ``rope`` says how to apply them. ``sliding_window`` (tokens, the query included) is
     None for full attention.
     """
 
@@ -41,8 +42,14 @@ class Attention(nn.Module):
         self.scaling = head_dim**-0.5 if scaling is None else scaling
         self.sliding_window = sliding_window
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        return batch.attn_backend.forward(q, k, v, self, batch)
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, rope: Rope | None = None
+    ) -> torch.Tensor:
+        """``rope``: q and k still need their rotary embedding (the backend applies it, possibly
+        fused with its K/V store: ``AttentionBackend.forward_rope``)."""
+        if rope is None:
+            return batch.attn_backend.forward(q, k, v, self, batch)
+        return batch.attn_backend.forward_rope(q, k, v, self, batch, rope)
 
     def extra_repr(self) -> str:
         return (

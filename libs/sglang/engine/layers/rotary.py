@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sglang.engine.attention.base import Rope
 from sglang.engine.layers.fused import use_fused
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -133,6 +134,11 @@ class RotaryEmbedding(nn.Module):
             return triton_ops.apply_rotary(positions, q, k, self.cos_sin_cache, self.head_dim, self.rotary_dim)
         cos, sin = self.cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def rope_for(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> Rope:
+        """This rotary as an attention backend's ``Rope`` (applied by the backend; fused with its
+        K/V store where it can be)."""
+        return Rope(positions, self.cos_sin_cache, self.rotary_dim, self, use_fused(q) and q.dtype == k.dtype)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]

@@ -85,8 +85,7 @@ class LlamaAttention(nn.Module):
             t = hidden.shape[0]
             q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim)).reshape(t, -1)
             k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim)).reshape(t, -1)
-        q, k = rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, batch))
+        return self.o_proj(self.attn(q, k, v, batch, rotary.rope_for(positions, q, k)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -145,7 +144,7 @@ class LlamaForCausalLM(nn.Module):
       (build under ``with torch.device(...)``); fill them with :meth:`load_weights` or dummy init.
     - ``forward(input_ids [T], positions [T], batch) -> [T, hidden]`` final-normed hidden states;
       positions are absolute; KV of the T tokens is written by the attention backend.
-    - ``compute_logits(hidden [N, hidden]) -> [N, vocab]`` float32.
+    - ``compute_logits(hidden [N, hidden]) -> [N, vocab]`` in the model dtype.
     - ``load_weights(iterable of (HF name, tensor))``: unknown names raise; parameters left
       unloaded raise (a tied ``lm_head`` needs no tensor); rotary ``inv_freq`` is ignored.
     """

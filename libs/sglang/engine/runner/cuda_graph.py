@@ -89,7 +89,7 @@ class CudaGraphRunner:
         model = self.runner.model
         batch.attn_backend.init_forward_metadata(batch)
         hidden = model(batch.input_ids, batch.positions, batch)
-        return model.compute_logits(hidden).float()
+        return model.compute_logits(hidden)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:

@@ -1,7 +1,7 @@
 """Model runner: owns the model, the KV pool and the attention backend; runs one forward.
 
 The scheduler hands it a :class:`ModelInput` (packed tokens of a batch plus where their K/V go)
-and gets back :class:`ModelOutput` (float32 logits of the positions it asked for). The runner
+and gets back :class:`ModelOutput` (logits of the positions it asked for, in the model dtype). The runner
 knows nothing of requests; the scheduler knows nothing of tensors' layout beyond slots.
 """
 
@@ -43,7 +43,7 @@ class ModelInput:
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [len(logit_indices), vocab] float32
+    logits: torch.Tensor  # [len(logit_indices), vocab] in the model dtype (the sampler converts as needed)
 
 
 class ModelRunner:
@@ -129,5 +129,5 @@ class ModelRunner:
         self.attn_backend.init_forward_metadata(batch)
         hidden = self.model(batch.input_ids, batch.positions, batch)
         idx = to_device(inp.logit_indices, torch.int64, dev)
-        logits = self.model.compute_logits(hidden.index_select(0, idx)).float()
+        logits = self.model.compute_logits(hidden.index_select(0, idx))
         return ModelOutput(logits=logits)

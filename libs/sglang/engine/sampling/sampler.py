@@ -286,9 +286,12 @@ class Sampler:
         """
         if logits.dim() != 2 or logits.shape[0] != batch.batch_size:
             raise ValueError(f"logits must be [B={batch.batch_size}, V], got {tuple(logits.shape)}")
-        raw = logits.float()
+        want_top = top_logprobs_nums is not None and any(n > 0 for n in top_logprobs_nums)
+        # Argmax and the one-pass draw read the model dtype as is (the same values); logprobs and
+        # penalties work on a float32 copy.
+        raw = logits.float() if want_top or need_logprobs or batch.has_penalties else logits
         top_logprobs = None
-        if top_logprobs_nums is not None and any(n > 0 for n in top_logprobs_nums):
+        if want_top and top_logprobs_nums is not None:
             top_logprobs = top_k_logprobs(compute_logprobs(raw), top_logprobs_nums)
 
         work = apply_penalties(raw.clone(), batch) if batch.has_penalties else raw

@@ -407,6 +407,8 @@ class Scheduler:
             sb = self._sampling_batch(reqs, logits.device)
             tops = [r.top_logprobs_num if r.return_logprob else 0 for r in reqs]
             rows = logits[sample_rows]
+            if mask is not None:
+                rows = rows.float()  # the grammar backends mask float32 logits
             self.grammar.apply(rows, mask)
             res = self.sampler(rows, sb, tops if any(tops) else None, need_logprobs=any(r.return_logprob for r in reqs))
             next_ids = res.next_token_ids.tolist()

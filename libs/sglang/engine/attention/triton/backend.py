@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sglang.engine.attention.base import AttentionBackend, AttentionLayerSpec
+from sglang.engine.attention.base import AttentionBackend, AttentionLayerSpec, Rope
 from sglang.engine.attention.triton.common import interpreting
 from sglang.engine.attention.triton.decode import (
     DEFAULT_MAX_KV_SPLITS,
@@ -19,7 +19,7 @@ from sglang.engine.attention.triton.decode import (
     scratch_rows,
 )
 from sglang.engine.attention.triton.extend import extend_attention, extend_config, extend_tiles
-from sglang.engine.attention.triton.store import store_kv
+from sglang.engine.attention.triton.store import rope_store_applies, rope_store_kv, store_kv
 
 if TYPE_CHECKING:
     from sglang.engine.runner.forward_batch import ForwardBatch
@@ -124,7 +124,7 @@ class TritonBackend(AttentionBackend):
         layer: AttentionLayerSpec,
         batch: ForwardBatch,
     ) -> torch.Tensor:
-        h, kvh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+        kvh, d = layer.num_kv_heads, layer.head_dim
         t = q.shape[0]
         if q.device.type != "cuda" and not interpreting():
             raise RuntimeError("the triton attention backend needs CUDA tensors; use 'torch_native' on CPU")
@@ -133,6 +133,34 @@ class TritonBackend(AttentionBackend):
             store_kv(k_buf, v_buf, batch.out_cache_loc, k, v)
         else:
             batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k.view(t, kvh, d), v.view(t, kvh, d))
+        return self._attend(q, k_buf, v_buf, layer, batch)
+
+    def forward_rope(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: AttentionLayerSpec,
+        batch: ForwardBatch,
+        rope: Rope,
+    ) -> torch.Tensor:
+        """With the fused K/V store and the layer's fused rotary: one launch rotates q, rotates k
+        into the pool and copies v there (``store.rope_store_kv``), then attention as in
+        ``forward``; otherwise the layer's rotary, then ``forward``."""
+        if self.fused_kv_store and rope.fused and q.device.type == "cuda":
+            k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
+            if rope_store_applies(q, k, v, k_buf, v_buf):
+                q = rope_store_kv(rope.positions, q, k, v, rope.cos_sin_cache, rope.rotary_dim, k_buf, v_buf,
+                                  batch.out_cache_loc)
+                return self._attend(q, k_buf, v_buf, layer, batch)
+        return super().forward_rope(q, k, v, layer, batch, rope)
+
+    def _attend(
+        self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, layer: AttentionLayerSpec, batch: ForwardBatch
+    ) -> torch.Tensor:
+        """Attention of ``q`` over the pool (this step's K/V already stored)."""
+        h, kvh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+        t = q.shape[0]
         q3 = q.view(t, h, d)
         table = batch.req_to_token.table
         if batch.is_decode:

@@ -168,3 +168,33 @@ def kv_strides(k_buf: torch.Tensor, v_buf: torch.Tensor) -> tuple[int, int, int]
         raise ValueError(f"K/V views must be [pages, page_size, KVH, D] with equal strides, got "
                          f"{tuple(k_buf.shape)} {k_buf.stride()} / {v_buf.stride()}")
     return k_buf.stride(0), k_buf.stride(1), k_buf.stride(2)
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """float32 -> DTYPE -> float32: the rounding torch applies when it stores an intermediate."""
+    return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def rotate_heads(
+    src, dst, num_heads, cos, sin, offs, mask,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, PASS: tl.constexpr, BLOCK_PASS: tl.constexpr,
+):
+    """Rotate-half of one token's ``num_heads`` heads at ``src`` into ``dst`` (``[BLOCK_H, BLOCK_HALF]`` at once)."""
+    dtype = src.dtype.element_ty
+    heads = tl.arange(0, BLOCK_H)
+    h_mask = heads < num_heads
+    m = h_mask[:, None] & mask[None, :]
+    src_h = src + heads[:, None] * HEAD_DIM
+    dst_h = dst + heads[:, None] * HEAD_DIM
+    x1 = tl.load(src_h + offs[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src_h + HALF + offs[None, :], mask=m, other=0.0).to(tl.float32)
+    o1 = round_to(x1 * cos[None, :], dtype) - round_to(x2 * sin[None, :], dtype)
+    o2 = round_to(x2 * cos[None, :], dtype) + round_to(x1 * sin[None, :], dtype)
+    tl.store(dst_h + offs[None, :], o1.to(dtype), mask=m)
+    tl.store(dst_h + HALF + offs[None, :], o2.to(dtype), mask=m)
+    if PASS > 0:  # dims past rotary_dim are copied unchanged
+        offs_p = tl.arange(0, BLOCK_PASS)
+        mp = h_mask[:, None] & (offs_p < PASS)[None, :]
+        tl.store(dst_h + 2 * HALF + offs_p[None, :], tl.load(src_h + 2 * HALF + offs_p[None, :], mask=mp), mask=mp)

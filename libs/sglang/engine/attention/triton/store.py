@@ -5,6 +5,10 @@
 e.g. slices of a fused qkv output), casts them to the pool dtype and stores them at page
 ``slot // page_size``, offset ``slot % page_size`` of the layer's strided views (``KVPool.get_kv``).
 No host synchronisation and a grid of ``T`` programs: safe to capture in a CUDA graph.
+
+``rope_store_kv`` also applies the rotary embedding on the way: q rotated into a new tensor, k
+rotated straight into the pool, v copied; the same bits as the rotary kernel followed by
+``store_kv``, in one launch instead of two and without writing and re-reading the rotated k.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang.engine.attention.triton.common import kv_strides
+from sglang.engine.attention.triton.common import kv_strides, rotate_heads, round_to
 
 
 @triton.jit
@@ -67,3 +71,76 @@ def store_kv(
         NUM_KV_HEADS=kvh, HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=block_d, PAGE_SIZE=page_size,
         num_warps=4 if block_h * block_d <= 2048 else 8,
     )
+
+
+@triton.jit
+def _rope_store_kernel(
+    pos_ptr, q_ptr, k_ptr, v_ptr, cache_ptr, q_out, k_buf, v_buf, loc_ptr,
+    stride_q, stride_k, stride_v, stride_qo, stride_cache, stride_page, stride_tok,
+    num_q_heads, num_kv_heads,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr, PASS: tl.constexpr, BLOCK_PASS: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+):
+    """Program ``t``: rotate token ``t``'s q heads into ``q_out``, its k heads into slot ``loc[t]``
+    of ``k_buf``, copy its v heads to the same slot of ``v_buf`` (heads contiguous everywhere)."""
+    t = tl.program_id(0).to(tl.int64)
+    dtype = q_ptr.dtype.element_ty
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs = tl.arange(0, BLOCK_HALF)
+    mask = offs < HALF
+    row = cache_ptr + pos * stride_cache
+    cos = round_to(tl.load(row + offs, mask=mask, other=0.0).to(tl.float32), dtype)
+    sin = round_to(tl.load(row + HALF + offs, mask=mask, other=0.0).to(tl.float32), dtype)
+    rotate_heads(q_ptr + t * stride_q, q_out + t * stride_qo, num_q_heads, cos, sin, offs, mask,
+                 HEAD_DIM, HALF, BLOCK_HQ, PASS, BLOCK_PASS)
+    slot = tl.load(loc_ptr + t).to(tl.int64)
+    dst = (slot // PAGE_SIZE) * stride_page + (slot % PAGE_SIZE) * stride_tok
+    rotate_heads(k_ptr + t * stride_k, k_buf + dst, num_kv_heads, cos, sin, offs, mask,
+                 HEAD_DIM, HALF, BLOCK_HK, PASS, BLOCK_PASS)
+    offs_h = tl.arange(0, BLOCK_HK)
+    offs_d = tl.arange(0, BLOCK_D)
+    m = (offs_h < num_kv_heads)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    heads = offs_h[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(v_buf + dst + heads, tl.load(v_ptr + t * stride_v + heads, mask=m), mask=m)
+
+
+def rope_store_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor) -> bool:
+    """Whether :func:`rope_store_kv` takes these tensors: one dtype for q, k, v and the pool (the
+    rotation rounds in it), rows with contiguous heads, and the pool's heads contiguous per token."""
+    kvh, d = k_buf.shape[2], k_buf.shape[3]
+    return (
+        q.dtype == k.dtype == v.dtype == k_buf.dtype == v_buf.dtype
+        and q.dim() == k.dim() == v.dim() == 2
+        and q.stride(1) == k.stride(1) == v.stride(1) == 1
+        and k.shape[1] == v.shape[1] == kvh * d
+        and k_buf.stride() == v_buf.stride() and k_buf.stride(3) == 1 and k_buf.stride(2) == d
+    )
+
+
+def rope_store_kv(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin_cache: torch.Tensor,
+    rotary_dim: int, k_buf: torch.Tensor, v_buf: torch.Tensor, loc: torch.Tensor,
+) -> torch.Tensor:
+    """NeoX rotate-half of q ``[T, H*D]`` and k ``[T, KVH*D]`` at ``positions`` (``cos_sin_cache[pos]``
+    is ``cat(cos, sin)``; dims past ``rotary_dim`` are copied), storing rotated k and v at token
+    slots ``loc`` of one layer's pool views ``k_buf``/``v_buf`` ``[pages, page_size, KVH, D]``.
+    Returns the rotated q as a new ``[T, H*D]`` tensor (q, k, v are not modified; rows may be
+    strided views of a fused qkv). Check :func:`rope_store_applies` first."""
+    _, page_size, kvh, d = k_buf.shape
+    t = q.shape[0]
+    num_q = q.shape[1] // d
+    q_out = torch.empty((t, num_q * d), dtype=q.dtype, device=q.device)
+    if t == 0:
+        return q_out
+    stride_page, stride_tok, _ = kv_strides(k_buf, v_buf)
+    half, rest = rotary_dim // 2, d - rotary_dim
+    _rope_store_kernel[(t,)](
+        positions, q, k, v, cos_sin_cache, q_out, k_buf, v_buf, loc,
+        q.stride(0), k.stride(0), v.stride(0), q_out.stride(0), cos_sin_cache.stride(0), stride_page, stride_tok,
+        num_q, kvh,
+        HEAD_DIM=d, HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_HQ=triton.next_power_of_2(num_q),
+        BLOCK_HK=triton.next_power_of_2(kvh), PASS=rest, BLOCK_PASS=triton.next_power_of_2(max(rest, 1)),
+        BLOCK_D=triton.next_power_of_2(d), PAGE_SIZE=page_size, num_warps=4,
+    )
+    return q_out

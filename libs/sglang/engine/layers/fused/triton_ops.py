@@ -2,7 +2,7 @@
 
 Each replaces a chain of 4-10 small torch kernels with one launch. They follow the torch layers'
 rounding order: wherever the torch code produces an intermediate in the model dtype, the kernel
-rounds to that dtype too (``_round``), so bf16/fp16 results match torch up to the last-ulp effects
+rounds to that dtype too (``round_to``), so bf16/fp16 results match torch up to the last-ulp effects
 of different reduction orders and of approximate ``exp``/``rsqrt``.
 
 Launches depend only on the input shapes and allocate their outputs with ``torch.empty``: no host
@@ -16,13 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from sglang.engine.attention.triton.common import rotate_heads, round_to
+
 _SILU_BLOCK = 1024
-
-
-@triton.jit
-def _round(x, DTYPE: tl.constexpr):
-    """float32 -> DTYPE -> float32: the rounding torch applies when it stores an intermediate."""
-    return x.to(DTYPE).to(tl.float32)
 
 
 @triton.jit
@@ -43,37 +39,13 @@ def _rmsnorm_kernel(
     x = tl.load(x_ptr + x_off[:, None] + offs[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + rows[:, None] * stride_res + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = _round(x + r, dtype)  # the residual add happens in the input dtype
+        x = round_to(x + r, dtype)  # the residual add happens in the input dtype
         tl.store(sum_ptr + rows[:, None] * stride_sum + offs[None, :], x.to(sum_ptr.dtype.element_ty), mask=mask)
     var = tl.sum(x * x, axis=1) / n
-    normed = _round(x * tl.math.rsqrt(var + eps)[:, None], dtype)
+    normed = round_to(x * tl.math.rsqrt(var + eps)[:, None], dtype)
     w = tl.load(w_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
     out = (w[None, :] * normed).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * stride_out + offs[None, :], out, mask=mask)
-
-
-@triton.jit
-def _rotate_heads(
-    src, dst, num_heads, cos, sin, offs, mask,
-    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, PASS: tl.constexpr, BLOCK_PASS: tl.constexpr,
-):
-    """Rotate-half of one token's ``num_heads`` heads at ``src`` into ``dst`` (``[BLOCK_H, BLOCK_HALF]`` at once)."""
-    dtype = src.dtype.element_ty
-    heads = tl.arange(0, BLOCK_H)
-    h_mask = heads < num_heads
-    m = h_mask[:, None] & mask[None, :]
-    src_h = src + heads[:, None] * HEAD_DIM
-    dst_h = dst + heads[:, None] * HEAD_DIM
-    x1 = tl.load(src_h + offs[None, :], mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(src_h + HALF + offs[None, :], mask=m, other=0.0).to(tl.float32)
-    o1 = _round(x1 * cos[None, :], dtype) - _round(x2 * sin[None, :], dtype)
-    o2 = _round(x2 * cos[None, :], dtype) + _round(x1 * sin[None, :], dtype)
-    tl.store(dst_h + offs[None, :], o1.to(dtype), mask=m)
-    tl.store(dst_h + HALF + offs[None, :], o2.to(dtype), mask=m)
-    if PASS > 0:  # dims past rotary_dim are copied unchanged
-        offs_p = tl.arange(0, BLOCK_PASS)
-        mp = h_mask[:, None] & (offs_p < PASS)[None, :]
-        tl.store(dst_h + 2 * HALF + offs_p[None, :], tl.load(src_h + 2 * HALF + offs_p[None, :], mask=mp), mask=mp)
 
 
 @triton.jit
@@ -91,11 +63,11 @@ def _rotary_kernel(
     offs = tl.arange(0, BLOCK_HALF)
     mask = offs < HALF
     row = cache_ptr + pos * stride_cache
-    cos = _round(tl.load(row + offs, mask=mask, other=0.0).to(tl.float32), dtype)
-    sin = _round(tl.load(row + HALF + offs, mask=mask, other=0.0).to(tl.float32), dtype)
-    _rotate_heads(q_ptr + t * stride_q, q_out + t * stride_qo, num_q_heads, cos, sin, offs, mask,
+    cos = round_to(tl.load(row + offs, mask=mask, other=0.0).to(tl.float32), dtype)
+    sin = round_to(tl.load(row + HALF + offs, mask=mask, other=0.0).to(tl.float32), dtype)
+    rotate_heads(q_ptr + t * stride_q, q_out + t * stride_qo, num_q_heads, cos, sin, offs, mask,
                   HEAD_DIM, HALF, BLOCK_HQ, PASS, BLOCK_PASS)
-    _rotate_heads(k_ptr + t * stride_k, k_out + t * stride_ko, num_kv_heads, cos, sin, offs, mask,
+    rotate_heads(k_ptr + t * stride_k, k_out + t * stride_ko, num_kv_heads, cos, sin, offs, mask,
                   HEAD_DIM, HALF, BLOCK_HK, PASS, BLOCK_PASS)
 
 
@@ -107,7 +79,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, n, BLOCK: tl.cons
     dtype = x_ptr.dtype.element_ty
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + n + cols, mask=mask, other=0.0).to(tl.float32)
-    act = _round(gate / (1.0 + tl.exp(-gate)), dtype)
+    act = round_to(gate / (1.0 + tl.exp(-gate)), dtype)
     tl.store(out_ptr + row * stride_out + cols, (act * up).to(dtype), mask=mask)
 
 
