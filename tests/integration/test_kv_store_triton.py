@@ -32,6 +32,23 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ---------------------------------------------------------------- cases (run in either process)
 
 
+def _twin_pools(
+    tokens: int, page_size: int, layers: int, num_kv_heads: int, head_dim: int, dt: torch.dtype,
+    dev: torch.device, gen: torch.Generator,
+) -> tuple[list[Any], torch.Tensor, torch.Tensor]:
+    """Two equal page-major pools full of noise (the noise too), and ``tokens`` distinct random slots
+    past the padding slot 0 (CPU)."""
+    from sglang.engine.memory import KVPool
+
+    num_pages = max(4, -(-3 * tokens // page_size))
+    pools = [KVPool(num_pages, page_size, layers, num_kv_heads, head_dim, dt, dev) for _ in range(2)]
+    noise = torch.randn(pools[0].buffer.shape, generator=gen).to(dt)
+    for p in pools:
+        p.buffer.copy_(noise)
+    slots = torch.randperm((num_pages + 1) * page_size - 1, generator=gen)[:tokens] + 1
+    return pools, noise, slots
+
+
 def store_case(
     device: str,
     dtype: str,
@@ -46,17 +63,10 @@ def store_case(
 ) -> float:
     """Store ``tokens`` new K/V rows with both paths; returns the number of differing elements."""
     from sglang.engine.attention.triton.store import store_kv
-    from sglang.engine.memory import KVPool
 
     dev, dt, in_dt = torch.device(device), DTYPES[dtype], DTYPES[in_dtype or dtype]
     gen = torch.Generator().manual_seed(seed)
-    num_pages = max(4, -(-3 * tokens // page_size))
-    pools = [KVPool(num_pages, page_size, 3, num_kv_heads, head_dim, dt, dev) for _ in range(2)]
-    noise = torch.randn(pools[0].buffer.shape, generator=gen).to(dt)
-    for p in pools:
-        p.buffer.copy_(noise)
-    total = (num_pages + 1) * page_size
-    slots = torch.randperm(total - 1, generator=gen)[:tokens] + 1
+    pools, noise, slots = _twin_pools(tokens, page_size, 3, num_kv_heads, head_dim, dt, dev, gen)
     if tokens > 1:
         # CUDA-graph padding writes to slot 0. Exactly once here: which of several writes to one
         # slot lands is unspecified (for index_put too), and nothing reads the padding slot.
@@ -85,17 +95,11 @@ def rope_store_case(
     bit and the inputs untouched. Returns the number of differing elements."""
     from sglang.engine.attention.triton.store import rope_store_applies, rope_store_kv, store_kv
     from sglang.engine.layers.fused.triton_ops import apply_rotary
-    from sglang.engine.memory import KVPool
 
     dev, dt = torch.device(device), DTYPES[dtype]
     rdim = rotary_dim or head_dim
     gen = torch.Generator().manual_seed(seed)
-    num_pages = max(4, -(-3 * tokens // page_size))
-    pools = [KVPool(num_pages, page_size, 2, num_kv_heads, head_dim, dt, dev) for _ in range(2)]
-    noise = torch.randn(pools[0].buffer.shape, generator=gen).to(dt)
-    for p in pools:
-        p.buffer.copy_(noise)
-    slots = torch.randperm((num_pages + 1) * page_size - 1, generator=gen)[:tokens] + 1
+    pools, _, slots = _twin_pools(tokens, page_size, 2, num_kv_heads, head_dim, dt, dev, gen)
     loc = slots.to(dev)
     positions = torch.randint(0, 4096, (tokens,), generator=gen).to(dev)
     cache = torch.randn(4096, rdim, generator=gen).to(dev)  # cat(cos, sin) rows, float32 as the layer keeps them
@@ -249,65 +253,54 @@ def test_store_cuda_graph_replay() -> None:
         assert torch.equal(pool.buffer, ref.buffer)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-def test_store_kernel_compiles_for_sm90(dtype: str) -> None:
-    """Compile the GPU path to an H100 cubin without a GPU (what only the compiler checks)."""
-    triton = pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        pytest.skip("kernels are interpreted in this process")
-    from sglang.engine.attention.triton import store
+def _compile_sm90(kernel: Any, consts: dict[str, int], ptrs: dict[str, str], default_ptr: str) -> None:
+    """Compile ``kernel`` to an H100 cubin without a GPU: pointer arguments (names ending in
+    ``_ptr``/``_out``/``_buf``) typed by ``ptrs`` or ``default_ptr``, ``stride_page`` int64, other scalars int32."""
+    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", 90, 32)
     backend = triton.compiler.make_backend(target)
-    kernel = store._store_kv_kernel
+    sig = {n: "constexpr" if n in consts else f"*{ptrs.get(n, default_ptr)}" if n.endswith(("_ptr", "_out", "_buf"))
+           else "i64" if n == "stride_page" else "i32" for n in kernel.arg_names}
+    opts = backend.parse_options({"num_warps": 4})
+    compiled = triton.compile(ASTSource(kernel, sig, consts), target=target, options=opts.__dict__)
+    assert compiled.asm["cubin"]
+
+
+def _compiles_here() -> Any:
+    triton = pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("kernels are interpreted in this process")
+    return triton
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_store_kernel_compiles_for_sm90(dtype: str) -> None:
+    """Compile the GPU path to an H100 cubin without a GPU (what only the compiler checks)."""
+    triton = _compiles_here()
+    from sglang.engine.attention.triton import store
+
     for pool_dt, loc_dt, (kvh, d, ps) in product(["bf16", dtype], ["i64", "i32"], [(8, 128, 16), (3, 80, 1)]):
         consts = {"NUM_KV_HEADS": kvh, "HEAD_DIM": d, "BLOCK_H": triton.next_power_of_2(kvh),
                   "BLOCK_D": triton.next_power_of_2(d), "PAGE_SIZE": ps}
-        ptrs = {"k_buf": pool_dt, "v_buf": pool_dt, "loc_ptr": loc_dt, "k_ptr": dtype, "v_ptr": dtype}
-        sig = {n: "constexpr" if n in consts else f"*{ptrs[n]}" if n in ptrs else "i64" if n == "stride_page" else "i32"
-               for n in kernel.arg_names}
-        opts = backend.parse_options({"num_warps": 4})
-        compiled = triton.compile(ASTSource(kernel, sig, consts), target=target, options=opts.__dict__)
-        assert compiled.asm["cubin"]
-
-
-def test_store_rejects_mismatched_views() -> None:
-    pytest.importorskip("triton")
-    from sglang.engine.attention.triton.store import store_kv
-
-    buf = torch.zeros(4, 2, 2, 2, 8)
-    k = torch.zeros(1, 16)
-    with pytest.raises(ValueError, match="equal strides"):
-        store_kv(buf[:, 0], buf[:, 1].contiguous(), torch.zeros(1, dtype=torch.int64), k, k)
-
-
-if __name__ == "__main__":
-    serve(CASES, _setup_worker)
+        _compile_sm90(store._store_kv_kernel, consts, {"k_buf": pool_dt, "v_buf": pool_dt, "loc_ptr": loc_dt}, dtype)
 
 
 def test_rope_store_kernel_compiles_for_sm90() -> None:
     """The fused rotary + store kernel compiles to an H100 cubin without a GPU (Llama and a partial rotary)."""
-    triton = pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        pytest.skip("kernels are interpreted in this process")
+    triton = _compiles_here()
     from sglang.engine.attention.triton import store
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    target = GPUTarget("cuda", 90, 32)
-    backend = triton.compiler.make_backend(target)
-    kernel = store._rope_store_kernel
     for dt, (h, kvh, d, rdim, ps) in product(["bf16", "fp32"], [(32, 8, 128, 128, 16), (6, 3, 80, 48, 1)]):
         half, rest = rdim // 2, d - rdim
         consts = {"HEAD_DIM": d, "HALF": half, "BLOCK_HALF": triton.next_power_of_2(half),
                   "BLOCK_HQ": triton.next_power_of_2(h), "BLOCK_HK": triton.next_power_of_2(kvh), "PASS": rest,
                   "BLOCK_PASS": triton.next_power_of_2(max(rest, 1)), "BLOCK_D": triton.next_power_of_2(d),
                   "PAGE_SIZE": ps}
-        ptrs = {"pos_ptr": "i64", "cache_ptr": "fp32", "loc_ptr": "i64"}
-        sig = {n: "constexpr" if n in consts else f"*{ptrs.get(n, dt)}" if n.endswith(("_ptr", "_out", "_buf"))
-               else "i64" if n == "stride_page" else "i32" for n in kernel.arg_names}
-        opts = backend.parse_options({"num_warps": 4})
-        compiled = triton.compile(ASTSource(kernel, sig, consts), target=target, options=opts.__dict__)
-        assert compiled.asm["cubin"]
+        _compile_sm90(store._rope_store_kernel, consts, {"pos_ptr": "i64", "cache_ptr": "fp32", "loc_ptr": "i64"}, dt)
+
+
+if __name__ == "__main__":
+    serve(CASES, _setup_worker)

@@ -198,3 +198,23 @@ def rotate_heads(
         offs_p = tl.arange(0, BLOCK_PASS)
         mp = h_mask[:, None] & (offs_p < PASS)[None, :]
         tl.store(dst_h + 2 * HALF + offs_p[None, :], tl.load(src_h + 2 * HALF + offs_p[None, :], mask=mp), mask=mp)
+
+
+@triton.jit
+def rotate_q_heads(
+    t, pos_ptr, cache_ptr, stride_cache, q_ptr, q_out, stride_q, stride_qo, num_q_heads,
+    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
+    PASS: tl.constexpr, BLOCK_PASS: tl.constexpr,
+):
+    """Token ``t``'s cos/sin (``cache[pos[t]]`` = ``cat(cos, sin)``, rounded to q's dtype) and its
+    q heads rotated into ``q_out``; returns ``(cos, sin, offs, mask)`` for the k heads."""
+    dtype = q_ptr.dtype.element_ty
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs = tl.arange(0, BLOCK_HALF)
+    mask = offs < HALF
+    row = cache_ptr + pos * stride_cache
+    cos = round_to(tl.load(row + offs, mask=mask, other=0.0).to(tl.float32), dtype)
+    sin = round_to(tl.load(row + HALF + offs, mask=mask, other=0.0).to(tl.float32), dtype)
+    rotate_heads(q_ptr + t * stride_q, q_out + t * stride_qo, num_q_heads, cos, sin, offs, mask,
+                 HEAD_DIM, HALF, BLOCK_HQ, PASS, BLOCK_PASS)
+    return cos, sin, offs, mask

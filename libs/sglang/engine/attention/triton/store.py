@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang.engine.attention.triton.common import kv_strides, rotate_heads, round_to
+from sglang.engine.attention.triton.common import kv_strides, rotate_heads, rotate_q_heads
 
 
 @triton.jit
@@ -85,15 +85,8 @@ def _rope_store_kernel(
     """Program ``t``: rotate token ``t``'s q heads into ``q_out``, its k heads into slot ``loc[t]``
     of ``k_buf``, copy its v heads to the same slot of ``v_buf`` (heads contiguous everywhere)."""
     t = tl.program_id(0).to(tl.int64)
-    dtype = q_ptr.dtype.element_ty
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    offs = tl.arange(0, BLOCK_HALF)
-    mask = offs < HALF
-    row = cache_ptr + pos * stride_cache
-    cos = round_to(tl.load(row + offs, mask=mask, other=0.0).to(tl.float32), dtype)
-    sin = round_to(tl.load(row + HALF + offs, mask=mask, other=0.0).to(tl.float32), dtype)
-    rotate_heads(q_ptr + t * stride_q, q_out + t * stride_qo, num_q_heads, cos, sin, offs, mask,
-                 HEAD_DIM, HALF, BLOCK_HQ, PASS, BLOCK_PASS)
+    cos, sin, offs, mask = rotate_q_heads(t, pos_ptr, cache_ptr, stride_cache, q_ptr, q_out, stride_q, stride_qo,
+                                          num_q_heads, HEAD_DIM, HALF, BLOCK_HALF, BLOCK_HQ, PASS, BLOCK_PASS)
     slot = tl.load(loc_ptr + t).to(tl.int64)
     dst = (slot // PAGE_SIZE) * stride_page + (slot % PAGE_SIZE) * stride_tok
     rotate_heads(k_ptr + t * stride_k, k_buf + dst, num_kv_heads, cos, sin, offs, mask,

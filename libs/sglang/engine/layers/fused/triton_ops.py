@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang.engine.attention.triton.common import rotate_heads, round_to
+from sglang.engine.attention.triton.common import rotate_heads, rotate_q_heads, round_to
 
 _SILU_BLOCK = 1024
 
@@ -58,15 +58,8 @@ def _rotary_kernel(
 ):
     """One token per program, all of its q and k heads (cos/sin loaded once)."""
     t = tl.program_id(0).to(tl.int64)
-    dtype = q_ptr.dtype.element_ty
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    offs = tl.arange(0, BLOCK_HALF)
-    mask = offs < HALF
-    row = cache_ptr + pos * stride_cache
-    cos = round_to(tl.load(row + offs, mask=mask, other=0.0).to(tl.float32), dtype)
-    sin = round_to(tl.load(row + HALF + offs, mask=mask, other=0.0).to(tl.float32), dtype)
-    rotate_heads(q_ptr + t * stride_q, q_out + t * stride_qo, num_q_heads, cos, sin, offs, mask,
-                  HEAD_DIM, HALF, BLOCK_HQ, PASS, BLOCK_PASS)
+    cos, sin, offs, mask = rotate_q_heads(t, pos_ptr, cache_ptr, stride_cache, q_ptr, q_out, stride_q, stride_qo,
+                                          num_q_heads, HEAD_DIM, HALF, BLOCK_HALF, BLOCK_HQ, PASS, BLOCK_PASS)
     rotate_heads(k_ptr + t * stride_k, k_out + t * stride_ko, num_kv_heads, cos, sin, offs, mask,
                   HEAD_DIM, HALF, BLOCK_HK, PASS, BLOCK_PASS)
 
