@@ -209,11 +209,15 @@ class Hardware:
 
 
 def git_commit() -> str:
-    """The sglang code being measured: the commit of this checkout (and whether ``libs/`` has
+    """The sglang code being measured: ``$SGLANG_BENCH_COMMIT`` when set (the caller vouches that
+    the tree is that commit), else the commit of this checkout (and whether ``libs/`` has
     uncommitted changes), or, when ``sglang`` is imported from elsewhere (a snapshot on
     ``PYTHONPATH``), that folder and the ``COMMIT`` file next to its ``libs/``."""
     import importlib.util
 
+    given = os.environ.get("SGLANG_BENCH_COMMIT")
+    if given:  # a copied tree whose .git is older than its files (e.g. the GPU host's copy)
+        return f"{given} (SGLANG_BENCH_COMMIT)"
     spec = importlib.util.find_spec("sglang")
     origin = Path(spec.origin).resolve() if spec and spec.origin else None
     if origin is not None and REPO_ROOT not in origin.parents:
