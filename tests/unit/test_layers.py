@@ -176,7 +176,7 @@ def test_tied_lm_head_shares_embedding() -> None:
     assert head.weight is emb.weight
     h = torch.randn(2, 4, dtype=torch.float32)
     torch.testing.assert_close(head(h), h @ emb.weight.T)
-    assert LMHead(10, 4, dtype=torch.bfloat16)(h.bfloat16()).dtype == torch.float32
+    assert LMHead(10, 4, dtype=torch.bfloat16)(h.bfloat16()).dtype == torch.bfloat16  # model dtype; the sampler converts
     with pytest.raises(ValueError, match="cannot tie"):
         LMHead(11, 4, tied_to=emb)
 
