@@ -253,8 +253,8 @@ def test_store_cuda_graph_replay() -> None:
         assert torch.equal(pool.buffer, ref.buffer)
 
 
-def _compile_sm90(kernel: Any, consts: dict[str, int], ptrs: dict[str, str], default_ptr: str) -> None:
-    """Compile ``kernel`` to an H100 cubin without a GPU: pointer arguments (names ending in
+def _compile_sm90(kernel: Any, consts: dict[str, int], ptrs: dict[str, str], default_ptr: str) -> bytes:
+    """``kernel`` compiled to an H100 cubin without a GPU: pointer arguments (names ending in
     ``_ptr``/``_out``/``_buf``) typed by ``ptrs`` or ``default_ptr``, ``stride_page`` int64, other scalars int32."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -265,8 +265,7 @@ def _compile_sm90(kernel: Any, consts: dict[str, int], ptrs: dict[str, str], def
     sig = {n: "constexpr" if n in consts else f"*{ptrs.get(n, default_ptr)}" if n.endswith(("_ptr", "_out", "_buf"))
            else "i64" if n == "stride_page" else "i32" for n in kernel.arg_names}
     opts = backend.parse_options({"num_warps": 4})
-    compiled = triton.compile(ASTSource(kernel, sig, consts), target=target, options=opts.__dict__)
-    assert compiled.asm["cubin"]
+    return bytes(triton.compile(ASTSource(kernel, sig, consts), target=target, options=opts.__dict__).asm["cubin"])
 
 
 def _compiles_here() -> Any:
@@ -285,7 +284,8 @@ def test_store_kernel_compiles_for_sm90(dtype: str) -> None:
     for pool_dt, loc_dt, (kvh, d, ps) in product(["bf16", dtype], ["i64", "i32"], [(8, 128, 16), (3, 80, 1)]):
         consts = {"NUM_KV_HEADS": kvh, "HEAD_DIM": d, "BLOCK_H": triton.next_power_of_2(kvh),
                   "BLOCK_D": triton.next_power_of_2(d), "PAGE_SIZE": ps}
-        _compile_sm90(store._store_kv_kernel, consts, {"k_buf": pool_dt, "v_buf": pool_dt, "loc_ptr": loc_dt}, dtype)
+        cubin = _compile_sm90(store._store_kv_kernel, consts, {"k_buf": pool_dt, "v_buf": pool_dt, "loc_ptr": loc_dt}, dtype)
+        assert len(cubin) > 0, (pool_dt, loc_dt, kvh, d, ps)
 
 
 def test_rope_store_kernel_compiles_for_sm90() -> None:
@@ -299,7 +299,8 @@ def test_rope_store_kernel_compiles_for_sm90() -> None:
                   "BLOCK_HQ": triton.next_power_of_2(h), "BLOCK_HK": triton.next_power_of_2(kvh), "PASS": rest,
                   "BLOCK_PASS": triton.next_power_of_2(max(rest, 1)), "BLOCK_D": triton.next_power_of_2(d),
                   "PAGE_SIZE": ps}
-        _compile_sm90(store._rope_store_kernel, consts, {"pos_ptr": "i64", "cache_ptr": "fp32", "loc_ptr": "i64"}, dt)
+        cubin = _compile_sm90(store._rope_store_kernel, consts, {"pos_ptr": "i64", "cache_ptr": "fp32", "loc_ptr": "i64"}, dt)
+        assert len(cubin) > 0, (dt, h, kvh, d, rdim, ps)
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if use_fused(q) and q.dtype == k.dtype:
+        if self._fusable(q, k):
             from sglang.engine.layers.fused import triton_ops
 
             return triton_ops.apply_rotary(positions, q, k, self.cos_sin_cache, self.head_dim, self.rotary_dim)
@@ -138,7 +138,12 @@ class RotaryEmbedding(nn.Module):
     def rope_for(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> Rope:
         """This rotary as an attention backend's ``Rope`` (applied by the backend; fused with its
         K/V store where it can be)."""
-        return Rope(positions, self.cos_sin_cache, self.rotary_dim, self, use_fused(q) and q.dtype == k.dtype)
+        return Rope(positions, self.cos_sin_cache, self.rotary_dim, self, self._fusable(q, k))
+
+    @staticmethod
+    def _fusable(q: torch.Tensor, k: torch.Tensor) -> bool:
+        """The Triton rotary kernel takes q and k (CUDA, fused ops on, one dtype)."""
+        return use_fused(q) and q.dtype == k.dtype
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]

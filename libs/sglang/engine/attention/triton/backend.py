@@ -147,7 +147,7 @@ class TritonBackend(AttentionBackend):
         """With the fused K/V store and the layer's fused rotary: one launch rotates q, rotates k
         into the pool and copies v there (``store.rope_store_kv``), then attention as in
         ``forward``; otherwise the layer's rotary, then ``forward``."""
-        if self.fused_kv_store and rope.fused and q.device.type == "cuda":
+        if self.fused_kv_store and rope.fused:  # ``fused`` implies CUDA tensors
             k_buf, v_buf = batch.kv_pool.get_kv(layer.layer_id)
             if rope_store_applies(q, k, v, k_buf, v_buf):
                 q = rope_store_kv(rope.positions, q, k, v, rope.cos_sin_cache, rope.rotary_dim, k_buf, v_buf,
