@@ -46,7 +46,29 @@ def gemv_case(
     return float((got.float() - ref.float()).abs().max()) / ulp
 
 
-CASES: dict[str, Callable[..., float]] = {"gemv_case": gemv_case}
+def gated_case(device: str, m: int, n: int, k: int, kind: str, block_n: int, block_k: int, bias: bool) -> float:
+    """The gated product (``silu(gate) * up`` in the matmul's epilogue) against the two kernels it
+    replaces, skinny matmul then ``silu_and_mul``: returns the number of differing elements (0:
+    the same bits). Also checks it is close to the float32 reference."""
+    from sglang.engine.layers.fused import triton_ops
+    from sglang.engine.layers.fused.gemv import GemvConfig, skinny_linear
+
+    dev, dt = torch.device(device), torch.bfloat16
+    gen = torch.Generator().manual_seed(n + k)
+    x = torch.randn(m, k, generator=gen).to(dt).to(dev)
+    w = (torch.randn(2 * n, k, generator=gen) * 0.05).to(dt).to(dev)
+    b = torch.randn(2 * n, generator=gen).to(dt).to(dev) if bias else None
+    cfg = GemvConfig(block_n, block_k, 4, 2, kind)
+    got = skinny_linear(x, w, b, cfg=cfg, gated=True)
+    two = triton_ops.silu_and_mul(skinny_linear(x, w, b, cfg=cfg))
+    assert got.shape == (m, n) and got.dtype == dt
+    full = F.linear(x.float(), w.float(), None if b is None else b.float())
+    ref = F.silu(full[:, :n]) * full[:, n:]
+    assert torch.allclose(got.float(), ref, atol=0.05, rtol=0.05)
+    return float((got != two).sum())
+
+
+CASES: dict[str, Callable[..., float]] = {"gemv_case": gemv_case, "gated_case": gated_case}
 
 
 def _setup_worker() -> None:
@@ -89,6 +111,34 @@ def test_skinny_matches_linear(
     assert err <= 1.0
 
 
+def _gated_params(device: str) -> list[Any]:
+    marks = [pytest.mark.gpu] if device == "cuda" else []
+    cases = [  # (m, n, k, kind, block_n, block_k, bias): n outputs, 2n weight rows
+        (1, 37, 1024, "fma", 4, 512, False),
+        (1, 64, 2048, "fma", 8, 1024, True),
+        (3, 40, 512, "dot", 32, 256, True),
+        (16, 70, 256, "dot", 64, 256, False),
+    ]
+    return [pytest.param(device, *c, marks=marks, id=f"{device}-m{c[0]}-n{c[1]}-k{c[2]}-{c[3]}{c[4]}x{c[5]}"
+                         f"{'-bias' if c[6] else ''}") for c in cases]
+
+
+@pytest.mark.parametrize(("device", "m", "n", "k", "kind", "block_n", "block_k", "bias"),
+                         _gated_params("interpret") + _gated_params("cuda"))
+def test_gated_matches_two_kernels(
+    run: Run, device: str, m: int, n: int, k: int, kind: str, block_n: int, block_k: int, bias: bool
+) -> None:
+    assert run("gated_case", m=m, n=n, k=k, kind=kind, block_n=block_n, block_k=block_k, bias=bias) == 0
+
+
+def test_gated_needs_even_rows() -> None:
+    from sglang.engine.layers.fused.gemv import GemvConfig, skinny_linear
+
+    x, w = torch.zeros(1, 256, dtype=torch.bfloat16), torch.zeros(7, 256, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="even row count"):
+        skinny_linear(x, w, cfg=GemvConfig(4, 256, 4, 2, "fma"), gated=True)
+
+
 def test_layers_use_it_only_where_it_pays() -> None:
     """CPU tensors, batches above 16 rows and weights below 16M elements go to F.linear."""
     from sglang.engine.layers import fused
@@ -127,6 +177,34 @@ def test_8b_decode_shapes_cuda(m: int, n: int, k: int) -> None:
         ref = F.linear(x.float(), w.float()).to(torch.bfloat16).float()
         ulp = float(torch.finfo(torch.bfloat16).eps) * float(ref.abs().max())
         assert out is not None and float((out.float() - ref).abs().max()) <= ulp
+    finally:
+        fused.set_fused_ops(None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 8, 16])
+def test_gated_8b_shape_cuda(m: int) -> None:
+    """The 8B gate/up projection through the layers' dispatch with ``gated=True``: the same bits as
+    the skinny matmul followed by ``silu_and_mul``, inside a CUDA graph with PDL launches."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from sglang.engine.layers import fused
+    from sglang.engine.layers.fused import triton_ops
+
+    fused.set_fused_ops(True)
+    try:
+        gen = torch.Generator(device="cuda").manual_seed(m)
+        x = torch.randn(m, 4096, device="cuda", generator=gen).to(torch.bfloat16)
+        w = (torch.randn(2 * 14336, 4096, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+        assert fused.try_skinny_linear(x, w, gated=True) is not None
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = fused.try_skinny_linear(x, w, gated=True)
+        x.copy_(torch.randn(m, 4096, device="cuda", generator=gen).to(torch.bfloat16))
+        g.replay()
+        plain = fused.try_skinny_linear(x, w)
+        assert out is not None and plain is not None
+        assert torch.equal(out, triton_ops.silu_and_mul(plain))
     finally:
         fused.set_fused_ops(None)
 

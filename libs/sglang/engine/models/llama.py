@@ -20,6 +20,7 @@ from torch import nn
 from sglang.engine.layers.activation import SiluAndMul
 from sglang.engine.layers.attention import Attention
 from sglang.engine.layers.embedding import LMHead, VocabEmbedding
+from sglang.engine.layers.fused import try_skinny_linear
 from sglang.engine.layers.linear import Linear, MergedColumnLinear, QKVLinear
 from sglang.engine.layers.norm import RMSNorm
 from sglang.engine.layers.rotary import RotaryEmbedding
@@ -56,7 +57,9 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(inter, config.hidden_size, bias=bias, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        # decode batches on CUDA: gate/up product and SiLU-mul in one skinny-matmul kernel
+        h = try_skinny_linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias, gated=True)
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)) if h is None else h)
 
 
 class LlamaAttention(nn.Module):

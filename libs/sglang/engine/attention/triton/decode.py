@@ -25,6 +25,7 @@ from sglang.engine.attention.triton.common import (
     interpreting,
     kv_strides,
 )
+from sglang.engine.attention.triton.pdl import pdl_enter, pdl_options
 
 
 @triton.jit
@@ -35,8 +36,9 @@ def _decode_split_kernel(
     qk_scale, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_FP32: tl.constexpr,
-    INTERP: tl.constexpr, DIRECT: tl.constexpr,
+    INTERP: tl.constexpr, DIRECT: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     # KV head fastest: one request's heads run side by side and read adjacent bytes of each page
     # (batch 256, context 1152 on an H100: 0.953 -> 0.975 of the copy bandwidth).
     kvh = tl.program_id(0)
@@ -84,8 +86,9 @@ def _decode_split_kernel(
 def _decode_merge_kernel(
     mid_o, mid_lse, out_ptr,
     stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs_s = tl.arange(0, NUM_SPLITS)
@@ -215,13 +218,13 @@ def decode_attention(
         scaling * LOG2E, sliding_window or NO_WINDOW,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=bd,
         BLOCK_N=block_n, PAGE_SIZE=page_size, NUM_SPLITS=num_splits, DOT_FP32=dot_in_fp32(q.dtype), INTERP=interpreting(),
-        DIRECT=direct, num_warps=num_warps, num_stages=num_stages,
+        DIRECT=direct, num_warps=num_warps, num_stages=num_stages, **pdl_options(q),
     )
     if not direct:
         _decode_merge_kernel[(bs, num_heads)](
             mid_o, mid_lse, out,
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
             out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=bd, NUM_SPLITS=num_splits, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_D=bd, NUM_SPLITS=num_splits, num_warps=4, **pdl_options(q),
         )
     return out

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from sglang.engine.attention.triton.common import kv_strides, rotate_heads, rotate_q_heads
+from sglang.engine.attention.triton.pdl import pdl_enter, pdl_options
 
 
 @triton.jit
@@ -26,9 +27,10 @@ def _store_kv_kernel(
     stride_page, stride_tok, stride_head,
     stride_kt, stride_kh, stride_vt, stride_vh,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Program ``t`` copies ``k[t]``/``v[t]`` ``[NUM_KV_HEADS, HEAD_DIM]`` to slot ``loc[t]``."""
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(loc_ptr + t).to(tl.int64)
     dst = (slot // PAGE_SIZE) * stride_page + (slot % PAGE_SIZE) * stride_tok
@@ -69,7 +71,7 @@ def store_kv(
         stride_page, stride_tok, stride_head,
         k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
         NUM_KV_HEADS=kvh, HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=block_d, PAGE_SIZE=page_size,
-        num_warps=4 if block_h * block_d <= 2048 else 8,
+        num_warps=4 if block_h * block_d <= 2048 else 8, **pdl_options(k_buf),
     )
 
 
@@ -80,10 +82,11 @@ def _rope_store_kernel(
     num_q_heads, num_kv_heads,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr, PASS: tl.constexpr, BLOCK_PASS: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Program ``t``: rotate token ``t``'s q heads into ``q_out``, its k heads into slot ``loc[t]``
     of ``k_buf``, copy its v heads to the same slot of ``v_buf`` (heads contiguous everywhere)."""
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     cos, sin, offs, mask = rotate_q_heads(t, pos_ptr, cache_ptr, stride_cache, q_ptr, q_out, stride_q, stride_qo,
                                           num_q_heads, HEAD_DIM, HALF, BLOCK_HALF, BLOCK_HQ, PASS, BLOCK_PASS)
@@ -134,6 +137,6 @@ def rope_store_kv(
         num_q, kvh,
         HEAD_DIM=d, HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_HQ=triton.next_power_of_2(num_q),
         BLOCK_HK=triton.next_power_of_2(kvh), PASS=rest, BLOCK_PASS=triton.next_power_of_2(max(rest, 1)),
-        BLOCK_D=triton.next_power_of_2(d), PAGE_SIZE=page_size, num_warps=4,
+        BLOCK_D=triton.next_power_of_2(d), PAGE_SIZE=page_size, num_warps=4, **pdl_options(q),
     )
     return q_out

@@ -37,18 +37,20 @@ def use_fused(x: torch.Tensor) -> bool:
 
 
 def try_skinny_linear(
-    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+    gated: bool = False,
 ) -> torch.Tensor | None:
     """``F.linear(x, w, bias)`` (as ``out_dtype``) by the Triton skinny matmul when it pays for
-    this shape, else ``None`` (the caller runs ``F.linear``)."""
+    this shape, else ``None`` (the caller runs ``F.linear``). ``gated``: ``w`` is ``[gate; up]``
+    and the result is ``silu(gate) * up`` (``SiluAndMul`` fused into the same kernel)."""
     if x.dim() != 2 or x.shape[0] > SKINNY_MAX_ROWS or w.numel() < SKINNY_MIN_WEIGHT or not use_fused(x):
         return None
     from sglang.engine.layers.fused import gemv
 
     cfg = gemv.default_config(x.shape[0], w.shape[0], x.shape[1])
-    if not gemv.supported(x, w, cfg) or (bias is not None and bias.dtype != x.dtype):
+    if not gemv.supported(x, w, cfg) or (bias is not None and bias.dtype != x.dtype) or (gated and w.shape[0] % 2):
         return None
-    return gemv.skinny_linear(x, w, bias, cfg=cfg, out_dtype=out_dtype)
+    return gemv.skinny_linear(x, w, bias, cfg=cfg, out_dtype=out_dtype, gated=gated)
 
 
 def set_fused_ops(enabled: bool | None) -> None:

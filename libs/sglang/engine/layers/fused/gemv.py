@@ -17,13 +17,19 @@ only on shapes (CUDA-graph capturable). ``K`` must be a multiple of ``BLOCK_K``
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from sglang.engine.attention.triton.common import round_to
+from sglang.engine.attention.triton.pdl import pdl_options, pdl_release, pdl_wait
+
 MAX_ROWS = 16
+# Experiment knob: weight tiles per program prefetched into L2 before waiting on the previous kernel.
+PREFETCH_TILES = int(os.environ.get("SGLANG_GEMV_PREFETCH", "0") or 0)
 
 
 @dataclass(frozen=True)
@@ -36,20 +42,67 @@ class GemvConfig:
 
 
 @triton.jit
+def _weight_rows(pid, N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+    """The weight rows of program ``pid`` and which exist. Plain: ``BLOCK_N`` consecutive rows.
+    ``GATED`` (``W = [gate; up]``, ``N`` outputs): gate rows ``pid * H ..`` then the matching up
+    rows ``N + pid * H ..`` (``H = BLOCK_N / 2``)."""
+    r = tl.arange(0, BLOCK_N)
+    if GATED:
+        H: tl.constexpr = BLOCK_N // 2
+        col = pid * H + r % H
+        return (r // H) * N + col, col < N
+    col = pid * BLOCK_N + r
+    return col, col < N
+
+
+@triton.jit
+def _prefetch_l2(w_ptr, rows, mask, stride_wn, SPAN: tl.constexpr):
+    """Ask L2 for the first ``SPAN`` columns of the program's weight rows (one request per
+    128-byte line of a 2-byte dtype); issued before ``pdl_wait``, it overlaps the previous kernel."""
+    lines = tl.arange(0, SPAN // 64) * 64
+    ptrs = w_ptr + tl.where(mask, rows, 0).to(tl.int64)[:, None] * stride_wn + lines[None, :]
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _store_out(y, x_ptr, y_ptr, rows_off, m_mask, pid, N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+    """Round ``y`` ``[R, BLOCK_N]`` (fp32, bias added) as ``F.linear`` would and store it; ``GATED``:
+    ``silu(gate) * up`` with the roundings of ``F.linear`` followed by ``silu_and_mul``."""
+    dtype = x_ptr.dtype.element_ty
+    R: tl.constexpr = y.shape[0]
+    if GATED:
+        H: tl.constexpr = BLOCK_N // 2
+        gate, up = tl.split(tl.permute(tl.reshape(y, [R, 2, H]), [0, 2, 1]))
+        gate = gate.to(dtype).to(tl.float32)
+        up = up.to(dtype).to(tl.float32)
+        out = round_to(gate / (1.0 + tl.exp(-gate)), dtype) * up
+        cols = pid * H + tl.arange(0, H)
+    else:
+        out = y
+        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    out = out.to(dtype).to(y_ptr.dtype.element_ty)  # rounded as F.linear(...).to(y)
+    tl.store(y_ptr + rows_off[:, None] + cols[None, :], out, mask=m_mask[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
 def _gemv_dot_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     M, N, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    K_TILES: tl.constexpr, DOT_FP32: tl.constexpr,
+    K_TILES: tl.constexpr, DOT_FP32: tl.constexpr, GATED: tl.constexpr = False, PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = 0,
 ):
+    pdl_release(PDL)
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, n_mask = _weight_rows(pid, N, BLOCK_N, GATED)
+    if PREFETCH > 0:
+        _prefetch_l2(w_ptr, rows, n_mask, stride_wn, PREFETCH * BLOCK_K)
+    pdl_wait(PDL)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
-    n_mask = offs_n < N
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for _ in range(K_TILES):
         x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
@@ -61,10 +114,8 @@ def _gemv_dot_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    out = acc.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)  # rounded as F.linear(...).to(y)
-    tl.store(y_ptrs, out, mask=m_mask[:, None] & n_mask[None, :])
+        acc += tl.load(b_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    _store_out(acc, x_ptr, y_ptr, offs_m * stride_ym, m_mask, pid, N, BLOCK_N, GATED)
 
 
 @triton.jit
@@ -72,12 +123,16 @@ def _gemv_fma_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     N, stride_wn,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr,
+    GATED: tl.constexpr = False, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
 ):
+    pdl_release(PDL)
     pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, n_mask = _weight_rows(pid, N, BLOCK_N, GATED)
+    if PREFETCH > 0:
+        _prefetch_l2(w_ptr, rows, n_mask, stride_wn, PREFETCH * BLOCK_K)
+    pdl_wait(PDL)
     offs_k = tl.arange(0, BLOCK_K)
-    n_mask = offs_n < N
-    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + offs_k
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for _ in range(K_TILES):
@@ -88,8 +143,9 @@ def _gemv_fma_kernel(
         w_ptrs += BLOCK_K
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs_n, y.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty), mask=n_mask)
+        y += tl.load(b_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)
+    one = tl.arange(0, 1)
+    _store_out(y[None, :], x_ptr, y_ptr, one * 0, one == 0, pid, N, BLOCK_N, GATED)
 
 
 def default_config(m: int, n: int, k: int) -> GemvConfig:
@@ -114,28 +170,37 @@ def supported(x: torch.Tensor, w: torch.Tensor, cfg: GemvConfig | None = None) -
 
 def skinny_linear(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, cfg: GemvConfig | None = None,
-    out_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None, gated: bool = False,
 ) -> torch.Tensor:
     """``x [M, K] @ w [N, K].T + bias`` for ``M <= 16`` (check :func:`supported` first). With
     ``out_dtype`` (e.g. float32 logits) the result is rounded to x's dtype first, then stored in
-    ``out_dtype``: the values of ``F.linear(x, w, bias).to(out_dtype)`` without a second kernel."""
+    ``out_dtype``: the values of ``F.linear(x, w, bias).to(out_dtype)`` without a second kernel.
+
+    ``gated``: ``w`` is ``[gate; up]`` (``2n`` rows) and the result is ``silu(gate) * up``
+    ``[M, n]``, bit for bit ``silu_and_mul(skinny_linear(x, w, bias))`` in one kernel (each
+    program reads matching gate and up rows; the configuration is that of the whole ``w``)."""
     m, k = x.shape
-    n = w.shape[0]
-    cfg = cfg or default_config(m, n, k)
+    cfg = cfg or default_config(m, w.shape[0], k)
+    if gated and (w.shape[0] % 2 or cfg.block_n % 2 or (cfg.kind == "dot" and cfg.block_n < 32)):
+        raise ValueError(f"a gated product needs an even row count and block_n (>= 32 for dot), got {w.shape[0]}, {cfg}")
+    n = w.shape[0] // 2 if gated else w.shape[0]
     y = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
-    grid = (triton.cdiv(n, cfg.block_n),)
+    grid = (triton.cdiv(n, cfg.block_n // 2 if gated else cfg.block_n),)
     b = bias if bias is not None else w  # never read without HAS_BIAS
+    pdl = pdl_options(x)
+    if pdl["PDL"] and PREFETCH_TILES:
+        pdl["PREFETCH"] = min(PREFETCH_TILES, k // cfg.block_k)
     if cfg.kind == "fma":
         _gemv_fma_kernel[grid](
             x, w, b, y, n, w.stride(0),
             HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, K_TILES=k // cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            GATED=gated, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
         )
     else:
         _gemv_dot_kernel[grid](
             x, w, b, y, m, n, x.stride(0), w.stride(0), y.stride(0),
             HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            K_TILES=k // cfg.block_k, DOT_FP32=not x.is_cuda,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            K_TILES=k // cfg.block_k, DOT_FP32=not x.is_cuda, GATED=gated,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
         )
     return y

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from sglang.engine.attention.triton.common import rotate_heads, rotate_q_heads, round_to
+from sglang.engine.attention.triton.pdl import pdl_enter, pdl_options
 
 _SILU_BLOCK = 1024
 
@@ -26,11 +27,12 @@ def _rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr,
     stride_x, stride_res, stride_out, stride_sum,
     n, eps, n_rows, inner, stride_inner,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """``ROWS`` rows per program. Row ``r`` of x starts at ``(r // inner) * stride_x + (r % inner) *
     stride_inner`` (a ``[t, heads, head_dim]`` view of a fused qkv output without a copy; ``inner``
     is 1 for a plain 2-D input); the other tensors are 2-D with unit inner stride."""
+    pdl_enter(PDL)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     offs = tl.arange(0, BLOCK)
     mask = (rows < n_rows)[:, None] & (offs < n)[None, :]
@@ -55,8 +57,10 @@ def _rotary_kernel(
     num_q_heads, num_kv_heads,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, PASS: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One token per program, all of its q and k heads (cos/sin loaded once)."""
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     cos, sin, offs, mask = rotate_q_heads(t, pos_ptr, cache_ptr, stride_cache, q_ptr, q_out, stride_q, stride_qo,
                                           num_q_heads, HEAD_DIM, HALF, BLOCK_HALF, BLOCK_HQ, PASS, BLOCK_PASS)
@@ -65,7 +69,8 @@ def _rotary_kernel(
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, n, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, n, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
@@ -79,7 +84,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, n, BLOCK: tl.cons
 @triton.jit(do_not_specialize=["seed"])  # a new seed every step: never a new compilation
 def _sample_kernel(
     logits_ptr, inv_temp_ptr, key_ptr, idx_ptr, stride, seed,
-    V: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+    V: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Program ``(row, part)``: over columns ``part * CHUNK ..``, the best ``logit_i * inv_temp +
     g_i`` with ``g_i = -log(-log(u_i))``, ``u_i`` uniform, and its column (the smallest among
@@ -90,6 +95,7 @@ def _sample_kernel(
     BLOCK / 4 + i`` gives the columns ``block * BLOCK + j * BLOCK / 4 + i`` (j = 0..3), so the draw
     depends on ``BLOCK`` but not on ``SPLITS``. One philox call per column cost 4x the integer
     work (batch 256 x 128k vocabulary on an H100: 184 -> 130 us)."""
+    pdl_enter(PDL)
     row = tl.program_id(0)
     part = tl.program_id(1)
     QUARTER: tl.constexpr = BLOCK // 4
@@ -122,8 +128,9 @@ def _sample_kernel(
 
 
 @triton.jit
-def _sample_pick_kernel(key_ptr, idx_ptr, out_ptr, V: tl.constexpr, SPLITS: tl.constexpr):
+def _sample_pick_kernel(key_ptr, idx_ptr, out_ptr, V: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr = False):
     """Per row: the column of the best key over the parts (the smallest column among ties)."""
+    pdl_enter(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, SPLITS)
     keys = tl.load(key_ptr + row * SPLITS + offs)
@@ -167,7 +174,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         per = _norm_rows(block)
         _rmsnorm_kernel[(triton.cdiv(rows, per),)](
             x2, x2, weight, out, out, stride_x, 0, out.stride(0), 0, n, eps, rows, inner, stride_inner,
-            HAS_RESIDUAL=False, BLOCK=block, ROWS=per, num_warps=_norm_warps(block),
+            HAS_RESIDUAL=False, BLOCK=block, ROWS=per, num_warps=_norm_warps(block), **pdl_options(x),
         )
     return out.view(x.shape)
 
@@ -187,7 +194,7 @@ def fused_add_rmsnorm(
         per = _norm_rows(block)
         _rmsnorm_kernel[(triton.cdiv(x2.shape[0], per),)](
             x2, r2, weight, out, summed, x2.stride(0), r2.stride(0), out.stride(0), summed.stride(0), n, eps,
-            x2.shape[0], 1, 0, HAS_RESIDUAL=True, BLOCK=block, ROWS=per, num_warps=_norm_warps(block),
+            x2.shape[0], 1, 0, HAS_RESIDUAL=True, BLOCK=block, ROWS=per, num_warps=_norm_warps(block), **pdl_options(x),
         )
     return out.view(x.shape), summed.view(x.shape)
 
@@ -217,7 +224,7 @@ def apply_rotary(
             q2.stride(0), k2.stride(0), q_out.stride(0), k_out.stride(0), cos_sin_cache.stride(0), num_q, num_kv,
             HEAD_DIM=head_dim, HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
             BLOCK_HQ=triton.next_power_of_2(num_q), BLOCK_HK=triton.next_power_of_2(num_kv),
-            PASS=rest, BLOCK_PASS=triton.next_power_of_2(max(rest, 1)), num_warps=4,
+            PASS=rest, BLOCK_PASS=triton.next_power_of_2(max(rest, 1)), num_warps=4, **pdl_options(q),
         )
     return q_out, k_out
 
@@ -230,7 +237,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0] and n:
         block = min(_SILU_BLOCK, triton.next_power_of_2(n))
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](
-            x2, out, x2.stride(0), out.stride(0), n, BLOCK=block, num_warps=4,
+            x2, out, x2.stride(0), out.stride(0), n, BLOCK=block, num_warps=4, **pdl_options(x),
         )
     return out.view(*x.shape[:-1], n)
 
@@ -268,7 +275,7 @@ def sample_with_temperature(
         idxs = torch.empty((b, parts), dtype=torch.int32, device=logits.device)
         _sample_kernel[(b, parts)](
             logits, inv, keys, idxs, logits.stride(0), seed, V=v, CHUNK=chunk, SPLITS=parts, BLOCK=block,
-            num_warps=8,
+            num_warps=8, **pdl_options(logits),
         )
-        _sample_pick_kernel[(b,)](keys, idxs, out, V=v, SPLITS=parts, num_warps=1)
+        _sample_pick_kernel[(b,)](keys, idxs, out, V=v, SPLITS=parts, num_warps=1, **pdl_options(logits))
     return out
