@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from sglang.engine.attention.triton import pdl
 
 pytestmark = pytest.mark.integration

@@ -187,7 +187,7 @@ def skinny_linear(
     y = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n // 2 if gated else cfg.block_n),)
     b = bias if bias is not None else w  # never read without HAS_BIAS
-    pdl = pdl_options(x)
+    pdl: dict[str, int] = dict(pdl_options(x))
     if pdl["PDL"] and PREFETCH_TILES:
         pdl["PREFETCH"] = min(PREFETCH_TILES, k // cfg.block_k)
     if cfg.kind == "fma":
