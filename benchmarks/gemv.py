@@ -38,6 +38,8 @@ def grid() -> list[GemvConfig]:
     out = [GemvConfig(bn, bk, 4, s, "dot") for bn in (16, 32) for bk in (128, 256, 512) for s in (3, 4, 6)]
     out += [GemvConfig(bn, 512, 8, s, "dot") for bn in (16, 32, 64) for s in (3, 4)]
     out += [GemvConfig(bn, bk, 4, s, "fma") for bn in (4, 8, 16) for bk in (512, 1024) for s in (3, 4)]
+    out += [GemvConfig(bn, bk, w, s, "fma") for bn in (1, 2, 4, 8) for bk in (1024, 2048) for w in (4, 8)
+            for s in (2, 3) if (bn, bk, w, s) not in ((4, 1024, 4, 3), (8, 1024, 4, 3))]
     return out
 
 
@@ -84,6 +86,8 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--sweep", action="store_true", help="time every configuration of the grid at M = 1")
     ap.add_argument("--calls", type=int, default=40)
+    ap.add_argument("--gated", action="store_true",
+                    help="gate_up shapes as the MLP runs them: silu(gate) * up fused into the product (gated=True)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -93,26 +97,27 @@ def main() -> None:
     sweep_rows = []
     for name in args.shapes:
         n, k = SHAPES[name]
+        gated = args.gated and name.endswith("gate_up")
         ws = weights(n, k)
         nbytes = n * k * 2
         for m in args.rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             t_cublas = time_per_call(lambda x, w: F.linear(x, w), ws, x, args.calls)
-            cfg = default_config(m, n, k)
+            cfg = default_config(m, n, k, gated)
             if not supported(x, ws[0], cfg):
                 rows.append([name, m, nbytes / t_cublas / 1e9, "-", "-", "-", "-"])
                 continue
             err = check(cfg, x, ws[0])
-            t_ours = time_per_call(lambda x, w, c=cfg: skinny_linear(x, w, cfg=c), ws, x, args.calls)
+            t_ours = time_per_call(lambda x, w, c=cfg, g=gated: skinny_linear(x, w, cfg=c, gated=g), ws, x, args.calls)
             rows.append([name, m, nbytes / t_cublas / 1e9, nbytes / t_ours / 1e9, t_cublas / t_ours,
                          f"{cfg.kind} {cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}", f"{err:.1e}"])
             print(rows[-1], flush=True)
             if args.sweep and m == 1:
                 for c in grid():
-                    if not supported(x, ws[0], c):
+                    if not supported(x, ws[0], c) or (gated and c.block_n < (32 if c.kind == "dot" else 2)):
                         continue
                     try:
-                        t = time_per_call(lambda x, w, c=c: skinny_linear(x, w, cfg=c), ws, x, args.calls)
+                        t = time_per_call(lambda x, w, c=c, g=gated: skinny_linear(x, w, cfg=c, gated=g), ws, x, args.calls)
                     except Exception as e:  # e.g. triton OutOfResources (shared memory) for big tiles
                         print(f"skip {c}: {type(e).__name__}", flush=True)
                         continue

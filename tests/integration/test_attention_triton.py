@@ -365,6 +365,8 @@ def test_kernels_compile_for_sm90(dtype: str) -> None:
     pointers = {"q_ptr": dtype, "k_buf": dtype, "v_buf": dtype, "out_ptr": dtype, "table_ptr": "i64",
                 "rows_ptr": "i64", "seq_lens_ptr": "i64", "tiles_ptr": "i32", "mid_o": "fp32", "mid_lse": "fp32"}
     for kernel, consts in kernels:
+        if "PDL" in kernel.arg_names:  # the decode kernels: the PDL path (griddepcontrol) for bf16
+            consts = {**consts, "PDL": not fp32}
         sig = {n: "constexpr" if n in consts else f"*{pointers[n]}" if n in pointers else "i32" for n in kernel.arg_names}
         if "qk_scale" in sig:
             sig["qk_scale"] = "fp32"

@@ -303,9 +303,12 @@ def test_kernels_compile_for_sm90() -> None:
                 n: "constexpr" if n in consts else special.get(n, f"*{dt}" if n.endswith("_ptr") or n in ("q_out", "k_out") else "i32")
                 for n in kernel.arg_names
             }
+            consts = {**consts, "PDL": dt == "bf16"}  # the PDL path (griddepcontrol) for one dtype
+            sig["PDL"] = "constexpr"
             opts = backend.parse_options({"num_warps": warps})
             compiled = triton.compile(ASTSource(kernel, sig, consts), target=target, options=opts.__dict__)
             assert compiled.asm["cubin"]
+            assert ("griddepcontrol.wait" in compiled.asm["ptx"]) == consts["PDL"]
 
 
 # ---------------------------------------------------------------- GPU only

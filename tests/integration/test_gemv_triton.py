@@ -11,6 +11,7 @@ interpreter (a worker subprocess); ``cuda`` is marked gpu and adds CUDA-graph ca
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -94,6 +95,7 @@ def _params(device: str) -> list[Any]:
         (16, 70, 256, "dot", 16, 256, False, None),
         (1, 37, 1024, "fma", 4, 512, True, None),
         (1, 64, 2048, "fma", 8, 1024, False, "float32"),
+        (1, 13, 2048, "fma", 1, 1024, True, None),
         (5, 33, 512, "dot", 16, 512, False, "float32"),
     ]
     return [pytest.param(device, *c, marks=marks, id=f"{device}-m{c[0]}-n{c[1]}-k{c[2]}-{c[3]}{c[4]}x{c[5]}"
@@ -115,6 +117,7 @@ def _gated_params(device: str) -> list[Any]:
     marks = [pytest.mark.gpu] if device == "cuda" else []
     cases = [  # (m, n, k, kind, block_n, block_k, bias): n outputs, 2n weight rows
         (1, 37, 1024, "fma", 4, 512, False),
+        (1, 21, 2048, "fma", 2, 1024, True),
         (1, 64, 2048, "fma", 8, 1024, True),
         (3, 40, 512, "dot", 32, 256, True),
         (16, 70, 256, "dot", 64, 256, False),
@@ -139,8 +142,34 @@ def test_gated_needs_even_rows() -> None:
         skinny_linear(x, w, cfg=GemvConfig(4, 256, 4, 2, "fma"), gated=True)
 
 
+@pytest.mark.parametrize("kind", ["fma", "dot"])
+def test_kernels_compile_for_sm90(kind: str) -> None:
+    """Compile the GPU path to an H100 cubin without a GPU, plain and gated, with and without PDL
+    (the first weight tile loaded before ``griddepcontrol.wait``)."""
+    triton = pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("kernels are interpreted in this process")
+    from sglang.engine.layers.fused import gemv
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = triton.compiler.make_backend(target)
+    kernel = gemv._gemv_fma_kernel if kind == "fma" else gemv._gemv_dot_kernel
+    for gated, pdl in ((False, False), (True, True), (False, True)):
+        consts = {"HAS_BIAS": gated, "BLOCK_N": 2 if kind == "fma" else 32, "BLOCK_K": 1024 if kind == "fma" else 256,
+                  "K_TILES": 4, "GATED": gated, "PDL": pdl}
+        if kind == "dot":
+            consts |= {"BLOCK_M": 16, "DOT_FP32": False}
+        sig = {n: "constexpr" if n in consts else "*bf16" if n.endswith("_ptr") else "i32" for n in kernel.arg_names}
+        opts = backend.parse_options({"num_warps": 8, "num_stages": 3})
+        compiled = triton.compile(ASTSource(kernel, sig, consts), target=target, options=opts.__dict__)
+        assert compiled.asm["cubin"]
+        assert ("griddepcontrol.wait" in compiled.asm["ptx"]) == pdl
+
+
 def test_layers_use_it_only_where_it_pays() -> None:
-    """CPU tensors, batches above 16 rows and weights below 16M elements go to F.linear."""
+    """CPU tensors, batches above 16 rows, weights below 16M elements (1M at one row) go to F.linear."""
     from sglang.engine.layers import fused
 
     w = torch.zeros(8, 64)
@@ -149,7 +178,10 @@ def test_layers_use_it_only_where_it_pays() -> None:
         big = torch.zeros(4096, 4096, dtype=torch.bfloat16, device="cuda")
         assert fused.try_skinny_linear(torch.zeros(17, 4096, dtype=torch.bfloat16, device="cuda"), big) is None
         small = torch.zeros(1024, 2048, dtype=torch.bfloat16, device="cuda")
-        assert fused.try_skinny_linear(torch.zeros(1, 2048, dtype=torch.bfloat16, device="cuda"), small) is None
+        assert fused.try_skinny_linear(torch.zeros(2, 2048, dtype=torch.bfloat16, device="cuda"), small) is None
+        assert fused.try_skinny_linear(torch.zeros(1, 2048, dtype=torch.bfloat16, device="cuda"), small) is not None
+        tiny = torch.zeros(512, 1024, dtype=torch.bfloat16, device="cuda")
+        assert fused.try_skinny_linear(torch.zeros(1, 1024, dtype=torch.bfloat16, device="cuda"), tiny) is None
 
 
 @pytest.mark.gpu

@@ -283,7 +283,7 @@ def test_store_kernel_compiles_for_sm90(dtype: str) -> None:
 
     for pool_dt, loc_dt, (kvh, d, ps) in product(["bf16", dtype], ["i64", "i32"], [(8, 128, 16), (3, 80, 1)]):
         consts = {"NUM_KV_HEADS": kvh, "HEAD_DIM": d, "BLOCK_H": triton.next_power_of_2(kvh),
-                  "BLOCK_D": triton.next_power_of_2(d), "PAGE_SIZE": ps}
+                  "BLOCK_D": triton.next_power_of_2(d), "PAGE_SIZE": ps, "PDL": loc_dt == "i64"}
         cubin = _compile_sm90(store._store_kv_kernel, consts, {"k_buf": pool_dt, "v_buf": pool_dt, "loc_ptr": loc_dt}, dtype)
         assert len(cubin) > 0, (pool_dt, loc_dt, kvh, d, ps)
 

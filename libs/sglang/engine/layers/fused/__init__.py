@@ -15,10 +15,12 @@ import torch
 
 MAX_NORM_HIDDEN = 32768  # the fused RMSNorm holds a whole row in one program's registers
 # The skinny matmul replaces cuBLAS for decode batches of at most SKINNY_MAX_ROWS rows and weights
-# of at least SKINNY_MIN_WEIGHT elements: there it reads weights faster (benchmarks/gemv.py, H100);
-# on smaller weights cuBLAS is as fast or faster.
+# of at least SKINNY_MIN_WEIGHT elements (SKINNY_MIN_WEIGHT_M1 for one row): there it reads weights
+# faster (benchmarks/gemv.py, H100: at one row 1.3-2.2x cuBLAS even on Qwen3-0.6B's 2-6M-element
+# matrices); on smaller weights cuBLAS is as fast or faster.
 SKINNY_MAX_ROWS = 16
 SKINNY_MIN_WEIGHT = 16 * 2**20
+SKINNY_MIN_WEIGHT_M1 = 2**20
 _enabled: bool | None = None  # None: not decided yet
 
 
@@ -43,11 +45,13 @@ def try_skinny_linear(
     """``F.linear(x, w, bias)`` (as ``out_dtype``) by the Triton skinny matmul when it pays for
     this shape, else ``None`` (the caller runs ``F.linear``). ``gated``: ``w`` is ``[gate; up]``
     and the result is ``silu(gate) * up`` (``SiluAndMul`` fused into the same kernel)."""
-    if x.dim() != 2 or x.shape[0] > SKINNY_MAX_ROWS or w.numel() < SKINNY_MIN_WEIGHT or not use_fused(x):
+    if x.dim() != 2 or x.shape[0] > SKINNY_MAX_ROWS or not use_fused(x):
+        return None
+    if w.numel() < (SKINNY_MIN_WEIGHT_M1 if x.shape[0] == 1 else SKINNY_MIN_WEIGHT):
         return None
     from sglang.engine.layers.fused import gemv
 
-    cfg = gemv.default_config(x.shape[0], w.shape[0], x.shape[1])
+    cfg = gemv.default_config(x.shape[0], w.shape[0], x.shape[1], gated)
     if not gemv.supported(x, w, cfg) or (bias is not None and bias.dtype != x.dtype) or (gated and w.shape[0] % 2):
         return None
     return gemv.skinny_linear(x, w, bias, cfg=cfg, out_dtype=out_dtype, gated=gated)
