@@ -217,11 +217,13 @@ def test_8b_decode_shapes_cuda(m: int, n: int, k: int) -> None:
 @pytest.mark.parametrize("m", [1, 2, 8, 16])
 def test_gated_8b_shape_cuda(m: int) -> None:
     """The 8B gate/up projection through the layers' dispatch with ``gated=True``: the same bits as
-    the skinny matmul followed by ``silu_and_mul``, inside a CUDA graph with PDL launches."""
+    the skinny matmul with the same configuration followed by ``silu_and_mul``, inside a CUDA graph
+    with PDL launches. (The configuration differs from the plain product's default at one row:
+    other tiles, another summation order.)"""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from sglang.engine.layers import fused
-    from sglang.engine.layers.fused import triton_ops
+    from sglang.engine.layers.fused import gemv, triton_ops
 
     fused.set_fused_ops(True)
     try:
@@ -234,8 +236,9 @@ def test_gated_8b_shape_cuda(m: int) -> None:
             out = fused.try_skinny_linear(x, w, gated=True)
         x.copy_(torch.randn(m, 4096, device="cuda", generator=gen).to(torch.bfloat16))
         g.replay()
-        plain = fused.try_skinny_linear(x, w)
-        assert out is not None and plain is not None
+        cfg = gemv.default_config(m, w.shape[0], 4096, gated=True)  # the plain product with the same tiles
+        plain = gemv.skinny_linear(x, w, cfg=cfg)
+        assert out is not None
         assert torch.equal(out, triton_ops.silu_and_mul(plain))
     finally:
         fused.set_fused_ops(None)
