@@ -84,7 +84,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
-    ap.add_argument("--sweep", action="store_true", help="time every configuration of the grid at M = 1")
+    ap.add_argument("--sweep", action="store_true", help="time every configuration of the grid (at --sweep-rows)")
+    ap.add_argument("--sweep-rows", type=int, nargs="+", default=[1], help="rows M to sweep at (fma needs M = 1)")
     ap.add_argument("--calls", type=int, default=40)
     ap.add_argument("--gated", action="store_true",
                     help="gate_up shapes as the MLP runs them: silu(gate) * up fused into the product (gated=True)")
@@ -112,7 +113,7 @@ def main() -> None:
             rows.append([name, m, nbytes / t_cublas / 1e9, nbytes / t_ours / 1e9, t_cublas / t_ours,
                          f"{cfg.kind} {cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}", f"{err:.1e}"])
             print(rows[-1], flush=True)
-            if args.sweep and m == 1:
+            if args.sweep and m in args.sweep_rows:
                 for c in grid():
                     if not supported(x, ws[0], c) or (gated and c.block_n < (32 if c.kind == "dot" else 2)):
                         continue
@@ -121,19 +122,19 @@ def main() -> None:
                     except Exception as e:  # e.g. triton OutOfResources (shared memory) for big tiles
                         print(f"skip {c}: {type(e).__name__}", flush=True)
                         continue
-                    sweep_rows.append([name, f"{c.kind} {c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}",
+                    sweep_rows.append([name, m, f"{c.kind} {c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}",
                                        nbytes / t / 1e9, t_cublas / t])
         del ws
         torch.cuda.empty_cache()
     lines.append(markdown_table(
         ["shape", "M", "cuBLAS GB/s", "ours GB/s", "cuBLAS time / ours", "config", "max rel err"], rows))
     if sweep_rows:
-        lines += ["", "Sweep at M = 1, the 5 fastest configurations per shape:", ""]
+        lines += ["", "Sweep: the 5 fastest configurations per shape and M:", ""]
         best = []
         for name in args.shapes:
-            mine = sorted((r for r in sweep_rows if r[0] == name), key=lambda r: -r[2])[:5]
-            best += mine
-        lines.append(markdown_table(["shape", "config", "GB/s", "cuBLAS time / ours"], best))
+            for m in args.sweep_rows:
+                best += sorted((r for r in sweep_rows if r[0] == name and r[1] == m), key=lambda r: -r[3])[:5]
+        lines.append(markdown_table(["shape", "M", "config", "GB/s", "cuBLAS time / ours"], best))
     body = "\n".join(lines)
     print(body)
     if args.out:

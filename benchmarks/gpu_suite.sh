@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Issue 7 benchmarks on one H100 (80 GB), offline, in at most 8 minutes of wall time.
+# Issue 7 benchmarks on one H100 (80 GB), offline, in at most 9 minutes of wall time.
 #
 #   OUT=/some/folder bash benchmarks/gpu_suite.sh      # from the repository root, `import sglang` working
 #
 # Writes $OUT/gpu-suite.md (one Markdown section per benchmark, each starting with the GPU, the
 # device-to-device copy bandwidth and the bf16 matmul rate measured in that run), $OUT/<step>.log
 # (everything each command printed) and $OUT/suite.log (exit status and seconds per step).
-# Every step has its own time limit (they add up to 470 s), so one slow step cannot eat the rest;
+# Every step has its own time limit (they add up to 530 s), so one slow step cannot eat the rest;
 # a step that is killed leaves its log but no Markdown section. Weights are dummy (config.json
 # shapes written into $SGLANG_CACHE_DIR/bench), HF baselines are built with from_config: no download.
 #
@@ -15,6 +15,7 @@
 #   offline-8b       ~150 s (limit 160): ours 1000x1024/256 ~45-70 s + nano 256 seqs ~15-25 s, HF 64 reqs ~30 s
 #   offline-qwen3    ~80 s  (limit 120): ours ~35 s both workloads, HF 64 fixed ~20 s
 #   shared_prefix-8b ~50 s  (limit 70):  two engines (cache off, on), 64 requests each
+#   decode_chain-8b  ~25 s  (limit 60):  weights + two CUDA graphs
 set -u
 : "${OUT:?set OUT to the folder for the results}"
 cd "$(dirname "$0")/.."
@@ -56,5 +57,9 @@ step offline-qwen3-0.6b 120 benchmarks/offline.py --device cuda --model-shape qw
 # 4. Shared prefix on the 8B shape, radix cache off vs on (4 groups x 16 prompts, system 1024).
 step shared_prefix-8b 70 benchmarks/shared_prefix.py --device cuda --model-shape llama3-8b \
     --max-running-requests 64
+
+# 5. The batch-1 decode chain without attention (32 layers of norms + skinny matmuls in one CUDA graph),
+#    PDL off vs on, against its weight-read floor.
+step decode_chain-8b 60 benchmarks/decode_chain.py
 
 echo "suite: $(($(date +%s) - SUITE_START)) s in all" | tee -a "$OUT/suite.log"
