@@ -166,9 +166,10 @@ def default_config(m: int, n: int, k: int, gated: bool = False) -> GemvConfig:
         if k % 2048 == 0 and (k >= 8192 or gated):  # long rows: 2048-wide tiles
             return GemvConfig(block_n=2 if gated else 1, block_k=2048, num_warps=8, num_stages=2, kind="fma")
         return GemvConfig(block_n=2 if gated else 1, block_k=1024, num_warps=8, num_stages=3, kind="fma")
-    if k >= 8192:  # long rows (down_proj): wide K tiles
-        return GemvConfig(block_n=32, block_k=512, num_warps=4, num_stages=3, kind="dot")
-    return GemvConfig(block_n=32, block_k=256, num_warps=4, num_stages=4, kind="dot")
+    # M = 2..16 (``--sweep-rows 4 8 16``): 2-4% over the earlier 256-512-wide tiles at 3-4 stages
+    if k >= 8192:  # long rows (down_proj)
+        return GemvConfig(block_n=32, block_k=256, num_warps=4, num_stages=6, kind="dot")
+    return GemvConfig(block_n=32, block_k=128, num_warps=4, num_stages=3 if gated else 6, kind="dot")
 
 
 def supported(x: torch.Tensor, w: torch.Tensor, cfg: GemvConfig | None = None) -> bool:
