@@ -118,7 +118,7 @@ class CudaGraphRunner:
 
     @torch.inference_mode()
     def run(self, inp: ModelInput) -> torch.Tensor:
-        """Replay for ``inp`` (a decode batch); returns float32 logits ``[bs, vocab]``."""
+        """Replay for ``inp`` (a decode batch); returns logits ``[bs, vocab]`` in the model dtype."""
         n = len(inp.req_rows)
         bs = self.buckets[bisect.bisect_left(self.buckets, n)]
         h = self._host
