@@ -77,6 +77,15 @@ def _store_out(y, x_ptr, y_ptr, rows_off, m_mask, pid, N, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def _dot_acc(x, w, acc, DOT_FP32: tl.constexpr):
+    """``acc + x @ w.T`` on the tensor cores; ``DOT_FP32``: in float32 (the interpreter: numpy has no
+    bfloat16 matmul)."""
+    if DOT_FP32:
+        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+    return tl.dot(x, tl.trans(w), acc)
+
+
+@triton.jit
 def _gemv_dot_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     M, N, stride_xm, stride_wn, stride_ym,
@@ -95,20 +104,13 @@ def _gemv_dot_kernel(
     if PDL:  # PDL: the first weight tile is loaded before waiting for the previous kernel
         w0 = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
         pdl_wait(PDL)
-        x0 = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-        if DOT_FP32:
-            acc = tl.dot(x0.to(tl.float32), tl.trans(w0.to(tl.float32)), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x0, tl.trans(w0), acc)
+        acc = _dot_acc(tl.load(x_ptrs, mask=m_mask[:, None], other=0.0), w0, acc, DOT_FP32)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     for _ in range(K_TILES - PEELED):
         x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
         w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
-        if DOT_FP32:  # the interpreter (numpy has no bfloat16 matmul)
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(w), acc)
+        acc = _dot_acc(x, w, acc, DOT_FP32)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     pdl_release(PDL)  # the next kernel's programs may start while this one finishes
